@@ -1,0 +1,1 @@
+//! The embedded Meeting API simulator (work in progress).

@@ -1,0 +1,3 @@
+//! Upstream identities' tokens: appauth signing, the token cache and its refresh.
+
+pub mod sign;
