@@ -1,3 +1,11 @@
 //! Upstream identities' tokens: appauth signing, the token cache and its refresh.
 
+mod cache;
 pub mod sign;
+mod signin;
+
+pub use cache::{
+    backoff, freshness, schedule, Authenticator, Freshness, Grant, SignInError, SignInFuture, Slot,
+    Token, TokenCache, TokenKey, TokenStats,
+};
+pub use signin::{nonce, UpstreamAuthenticator, APPAUTH_PATH};

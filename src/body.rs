@@ -1,0 +1,126 @@
+//! Request bodies on their way upstream: buffered (and so replayable) up to a limit, streamed
+//! beyond it.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::error::GatewayError;
+
+/// The body of an upstream request.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// Fully buffered: cheap to clone for a replay.
+    Full(Option<Bytes>),
+    /// Too large to buffer: what was read already, then the rest of the client's stream.
+    Stream {
+        prefix: Option<Bytes>,
+        rest: Incoming,
+    },
+}
+
+impl ProxyBody {
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+
+    /// A copy for a replay, when this body is buffered.
+    pub fn replayable(&self) -> Option<Bytes> {
+        match self {
+            ProxyBody::Full(b) => Some(b.clone().unwrap_or_default()),
+            ProxyBody::Stream { .. } => None,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Stream { prefix, rest } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                Pin::new(rest).poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Stream { prefix, rest } => {
+                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// Reads the client's body into memory when it fits `replay_limit`, so the request can be
+/// replayed; a larger (or larger-announced) body streams instead.
+pub async fn prepare(mut body: Incoming, replay_limit: usize) -> Result<ProxyBody, GatewayError> {
+    if body.is_end_stream() {
+        return Ok(ProxyBody::empty());
+    }
+    if body.size_hint().lower() > replay_limit as u64 {
+        return Ok(ProxyBody::Stream {
+            prefix: None,
+            rest: body,
+        });
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    loop {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = frame.map_err(|_| GatewayError::ClientBody)?;
+        let Ok(data) = frame.into_data() else {
+            // Trailers: the upstream API has no use for them.
+            continue;
+        };
+        // The common single-frame body is kept without a copy.
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            Some(f) => {
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&data);
+            }
+            None => buf.extend_from_slice(&data),
+        }
+        let held = first.as_ref().map_or(buf.len(), Bytes::len);
+        if held > replay_limit {
+            let prefix = first.take().unwrap_or_else(|| buf.split().freeze());
+            return Ok(ProxyBody::Stream {
+                prefix: Some(prefix),
+                rest: body,
+            });
+        }
+    }
+    let all = first.unwrap_or_else(|| buf.freeze());
+    Ok(ProxyBody::Full((!all.is_empty()).then_some(all)))
+}

@@ -1,0 +1,882 @@
+//! Configuration: file and `MEETGATE__` environment layers (the `config` crate) deserialized into
+//! a raw form, then validated once into the typed [`Config`]; every problem names its key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides: `MEETGATE__UPSTREAM__URL` sets `upstream.url`.
+pub const ENV_PREFIX: &str = "MEETGATE";
+
+// === raw layer: what the file says ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    token: RawToken,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    apps: Vec<RawApp>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<String>,
+    ca_file: Option<PathBuf>,
+    connect_timeout: Option<String>,
+    tls_timeout: Option<String>,
+    request_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle_per_host: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    refresh_at: Option<f64>,
+    refresh_jitter: Option<f64>,
+    signature_lifetime: Option<String>,
+    sign_in_timeout: Option<String>,
+    retry_initial: Option<String>,
+    retry_max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    replay_body_bytes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: Option<String>,
+    app_id: Option<String>,
+    app_key_env: Option<String>,
+    app_key_file: Option<PathBuf>,
+    app_key: Option<SecretString>,
+    corp_id: Option<String>,
+    user_id: Option<String>,
+}
+
+impl fmt::Debug for RawApp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawApp")
+            .field("name", &self.name)
+            .field("app_id", &self.app_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+// === typed layer: what the gateway runs with ===
+
+/// The validated configuration. `Debug` never shows a key.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub upstream: UpstreamConfig,
+    pub token: TokenConfig,
+    pub limits: LimitsConfig,
+    pub apps: Vec<AppConfig>,
+    pub log: LogConfig,
+    /// Things worth a warning at start (an inline key, ...), logged once telemetry is up.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `https://host[:port]`, no path.
+    pub url: http::Uri,
+    pub ca_file: Option<PathBuf>,
+    /// Extra trusted roots: `ca_file`'s certificates (tests and the demo add their own).
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub connect_timeout: Duration,
+    pub tls_timeout: Duration,
+    pub request_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// Fraction of a token's lifetime after which it is refreshed in the background.
+    pub refresh_at: f64,
+    /// Random share of the lifetime subtracted from `refresh_at`, so keys do not refresh in step.
+    pub refresh_jitter: f64,
+    /// How long an appauth signature stays valid (`expireTime` = now + this).
+    pub signature_lifetime: Duration,
+    pub sign_in_timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Request bodies up to this size are buffered so a request can be replayed.
+    pub replay_body_bytes: usize,
+}
+
+/// One App ID credential.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub name: String,
+    pub app_id: String,
+    pub app_key: SecretString,
+    pub key_source: KeySource,
+    /// `Some` for SP (multi-tenant) apps: the 5-field signature.
+    pub corp_id: Option<String>,
+    /// Default upstream user; empty is the corp admin.
+    pub user_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Env(String),
+    File(PathBuf),
+    Inline,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+// === errors ===
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub value: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.value.is_empty() {
+            write!(f, "{}: {}", self.key, self.message)
+        } else {
+            write!(f, "{} = {}: {}", self.key, self.value, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a value had the wrong type.
+    #[error("{0}")]
+    Load(String),
+    /// Every problem validation found, in file order.
+    #[error("{}", display_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn display_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Load(msg) => vec![msg.clone()],
+            ConfigError::Invalid(p) => p.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+// === loading ===
+
+/// Loads `path` with environment overrides taken from `env` (the process environment in
+/// production, a map in tests), and validates it.
+pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    let file = config::File::from(path).format(config::FileFormat::Toml);
+    build(file, env)
+}
+
+/// Same as [`load`] for a configuration held in a string.
+pub fn load_str(toml: &str, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    build(config::File::from_str(toml, config::FileFormat::Toml), env)
+}
+
+fn build<S>(file: S, env: &HashMap<String, String>) -> Result<Config, ConfigError>
+where
+    S: config::Source + Send + Sync + 'static,
+{
+    let overrides: config::Map<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let raw: RawConfig = config::Config::builder()
+        .add_source(file)
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides)),
+        )
+        .build()
+        .and_then(config::Config::try_deserialize)
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    validate(raw, env)
+}
+
+/// Collects problems instead of stopping at the first.
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(
+        &mut self,
+        key: impl Into<String>,
+        value: impl fmt::Display,
+        message: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            key: key.into(),
+            value: value.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<&str>, default: &str) -> Duration {
+        let text = raw.unwrap_or(default);
+        match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                self.problem(key, quoted(text), "must be longer than zero");
+                Duration::from_secs(1)
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(
+                    key,
+                    quoted(text),
+                    format!("not a duration ({e}); e.g. \"3s\", \"500ms\""),
+                );
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, raw: Option<&str>, default: &str) -> SocketAddr {
+        let text = raw.unwrap_or(default);
+        text.parse().unwrap_or_else(|_| {
+            self.problem(
+                key,
+                quoted(text),
+                "not an IP address and port, e.g. \"127.0.0.1:8080\"",
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn fraction(&mut self, key: &str, raw: Option<f64>, default: f64, lo: f64, hi: f64) -> f64 {
+        let v = raw.unwrap_or(default);
+        if !(lo..=hi).contains(&v) || v.is_nan() {
+            self.problem(key, v, format!("must be between {lo} and {hi}"));
+            return default;
+        }
+        v
+    }
+}
+
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    let mut c = Checker::default();
+    let mut warnings = Vec::new();
+
+    let listen = c.addr("listen", raw.listen.as_deref(), "127.0.0.1:8080");
+    let admin_listen = c.addr(
+        "admin_listen",
+        raw.admin_listen.as_deref(),
+        "127.0.0.1:9090",
+    );
+    if listen == admin_listen && listen.port() != 0 {
+        c.problem(
+            "admin_listen",
+            quoted(&admin_listen.to_string()),
+            "must differ from `listen`",
+        );
+    }
+    let shutdown_grace = c.duration("shutdown_grace", raw.shutdown_grace.as_deref(), "10s");
+
+    let upstream = validate_upstream(&mut c, raw.upstream);
+
+    let t = raw.token;
+    let token = TokenConfig {
+        refresh_at: c.fraction("token.refresh_at", t.refresh_at, 0.8, 0.1, 0.95),
+        refresh_jitter: c.fraction("token.refresh_jitter", t.refresh_jitter, 0.05, 0.0, 0.2),
+        signature_lifetime: c.duration(
+            "token.signature_lifetime",
+            t.signature_lifetime.as_deref(),
+            "10m",
+        ),
+        sign_in_timeout: c.duration("token.sign_in_timeout", t.sign_in_timeout.as_deref(), "10s"),
+        retry_initial: c.duration("token.retry_initial", t.retry_initial.as_deref(), "500ms"),
+        retry_max: c.duration("token.retry_max", t.retry_max.as_deref(), "60s"),
+    };
+    if token.retry_initial > token.retry_max {
+        c.problem(
+            "token.retry_initial",
+            humantime::format_duration(token.retry_initial),
+            "must not exceed token.retry_max",
+        );
+    }
+
+    let replay_body_bytes = raw.limits.replay_body_bytes.unwrap_or(1 << 20);
+    if replay_body_bytes > 64 << 20 {
+        c.problem(
+            "limits.replay_body_bytes",
+            replay_body_bytes,
+            "must be at most 67108864 (64 MiB): each buffered request holds this much memory",
+        );
+    }
+    let limits = LimitsConfig { replay_body_bytes };
+
+    if raw.apps.is_empty() {
+        c.problem("apps", "", "at least one [[apps]] entry is required");
+    }
+    let mut apps: Vec<AppConfig> = Vec::with_capacity(raw.apps.len());
+    for (i, app) in raw.apps.into_iter().enumerate() {
+        if let Some(a) = validate_app(&mut c, &mut warnings, i, app, env) {
+            if apps.iter().any(|x| x.name == a.name) {
+                c.problem(
+                    format!("apps[{i}].name"),
+                    quoted(&a.name),
+                    "duplicate app name",
+                );
+            }
+            apps.push(a);
+        }
+    }
+
+    let format = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            c.problem("log.format", quoted(other), "must be \"text\" or \"json\"");
+            LogFormat::Text
+        }
+    };
+    let level = raw.log.level.unwrap_or_else(|| "info".to_owned());
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+        c.problem(
+            "log.level",
+            quoted(&level),
+            format!("not a log filter ({e}); e.g. \"info\""),
+        );
+    }
+
+    if !c.problems.is_empty() {
+        return Err(ConfigError::Invalid(c.problems));
+    }
+    Ok(Config {
+        listen,
+        admin_listen,
+        shutdown_grace,
+        upstream,
+        token,
+        limits,
+        apps,
+        log: LogConfig { format, level },
+        warnings,
+    })
+}
+
+fn validate_upstream(c: &mut Checker, u: RawUpstream) -> UpstreamConfig {
+    let text = u
+        .url
+        .unwrap_or_else(|| "https://api.meeting.huaweicloud.com".to_owned());
+    let url = match text.parse::<http::Uri>() {
+        Ok(uri)
+            if uri.scheme_str() == Some("https")
+                && uri.host().is_some_and(|h| !h.is_empty())
+                && matches!(uri.path(), "" | "/")
+                && uri.query().is_none() =>
+        {
+            // Normalise to scheme and authority only.
+            http::Uri::builder()
+                .scheme("https")
+                .authority(uri.authority().map_or("", |a| a.as_str()))
+                .path_and_query("/")
+                .build()
+                .unwrap_or(uri)
+        }
+        _ => {
+            c.problem(
+                "upstream.url",
+                quoted(&text),
+                "must be an https URL with a host and no path, e.g. \"https://api.meeting.huaweicloud.com\"",
+            );
+            http::Uri::from_static("https://invalid.invalid/")
+        }
+    };
+    let mut extra_roots = Vec::new();
+    if let Some(path) = &u.ca_file {
+        match CertificateDer::pem_file_iter(path) {
+            Ok(iter) => match iter.collect::<Result<Vec<_>, _>>() {
+                Ok(certs) if !certs.is_empty() => extra_roots = certs,
+                Ok(_) => c.problem(
+                    "upstream.ca_file",
+                    quoted(&path.display().to_string()),
+                    "holds no PEM certificate",
+                ),
+                Err(e) => c.problem(
+                    "upstream.ca_file",
+                    quoted(&path.display().to_string()),
+                    format!("not a PEM certificate file ({e})"),
+                ),
+            },
+            Err(e) => c.problem(
+                "upstream.ca_file",
+                quoted(&path.display().to_string()),
+                format!("cannot be read ({e})"),
+            ),
+        }
+    }
+    UpstreamConfig {
+        url,
+        ca_file: u.ca_file,
+        extra_roots,
+        connect_timeout: c.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout.as_deref(),
+            "3s",
+        ),
+        tls_timeout: c.duration("upstream.tls_timeout", u.tls_timeout.as_deref(), "5s"),
+        request_timeout: c.duration(
+            "upstream.request_timeout",
+            u.request_timeout.as_deref(),
+            "30s",
+        ),
+        pool_idle_timeout: c.duration(
+            "upstream.pool_idle_timeout",
+            u.pool_idle_timeout.as_deref(),
+            "90s",
+        ),
+        pool_max_idle_per_host: u.pool_max_idle_per_host.unwrap_or(64),
+    }
+}
+
+fn validate_app(
+    c: &mut Checker,
+    warnings: &mut Vec<String>,
+    i: usize,
+    app: RawApp,
+    env: &HashMap<String, String>,
+) -> Option<AppConfig> {
+    let key = |field: &str| format!("apps[{i}].{field}");
+    let name = app.name.unwrap_or_else(|| {
+        if i == 0 {
+            "default".to_owned()
+        } else {
+            format!("app{i}")
+        }
+    });
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+    {
+        c.problem(
+            key("name"),
+            quoted(&name),
+            "use letters, digits, '-', '_' or '.'",
+        );
+    }
+    let app_id = match app.app_id {
+        Some(id) if !id.trim().is_empty() => id,
+        other => {
+            c.problem(
+                key("app_id"),
+                quoted(other.as_deref().unwrap_or("")),
+                "is required",
+            );
+            String::new()
+        }
+    };
+    let sources = [
+        app.app_key_env.is_some(),
+        app.app_key_file.is_some(),
+        app.app_key.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        c.problem(
+            key("app_key_env"),
+            "",
+            "set exactly one of app_key_env, app_key_file or app_key",
+        );
+        return None;
+    }
+    let (app_key, key_source) = if let Some(var) = app.app_key_env {
+        match env.get(&var) {
+            Some(v) if !v.is_empty() => (SecretString::from(v.clone()), KeySource::Env(var)),
+            _ => {
+                c.problem(
+                    key("app_key_env"),
+                    quoted(&var),
+                    "environment variable is unset or empty",
+                );
+                return None;
+            }
+        }
+    } else if let Some(path) = app.app_key_file {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                // Secrets mounted from files usually end with a newline that is not part of the key.
+                let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+                let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+                if trimmed.is_empty() {
+                    c.problem(
+                        key("app_key_file"),
+                        quoted(&path.display().to_string()),
+                        "file is empty",
+                    );
+                    return None;
+                }
+                (
+                    SecretString::from(trimmed.to_owned()),
+                    KeySource::File(path),
+                )
+            }
+            Err(e) => {
+                c.problem(
+                    key("app_key_file"),
+                    quoted(&path.display().to_string()),
+                    format!("cannot be read ({})", e.kind()),
+                );
+                return None;
+            }
+        }
+    } else {
+        let inline = app
+            .app_key
+            .unwrap_or_else(|| SecretString::from(String::new()));
+        if inline.expose_secret().is_empty() {
+            c.problem(key("app_key"), "", "is empty");
+            return None;
+        }
+        warnings.push(format!(
+            "{} holds the key inline; use app_key_env or app_key_file outside demos",
+            key("app_key")
+        ));
+        (inline, KeySource::Inline)
+    };
+    Some(AppConfig {
+        name,
+        app_id,
+        app_key,
+        key_source,
+        corp_id: app.corp_id,
+        user_id: app.user_id.unwrap_or_default(),
+    })
+}
+
+// === printing ===
+
+#[derive(Serialize)]
+struct Printed<'a> {
+    listen: String,
+    admin_listen: String,
+    shutdown_grace: String,
+    upstream: PrintedUpstream,
+    token: PrintedToken,
+    limits: PrintedLimits,
+    apps: Vec<PrintedApp<'a>>,
+    log: PrintedLog<'a>,
+}
+
+#[derive(Serialize)]
+struct PrintedUpstream {
+    url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<String>,
+    connect_timeout: String,
+    tls_timeout: String,
+    request_timeout: String,
+    pool_idle_timeout: String,
+    pool_max_idle_per_host: usize,
+}
+
+#[derive(Serialize)]
+struct PrintedToken {
+    refresh_at: f64,
+    refresh_jitter: f64,
+    signature_lifetime: String,
+    sign_in_timeout: String,
+    retry_initial: String,
+    retry_max: String,
+}
+
+#[derive(Serialize)]
+struct PrintedLimits {
+    replay_body_bytes: usize,
+}
+
+#[derive(Serialize)]
+struct PrintedApp<'a> {
+    name: &'a str,
+    app_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_key_env: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_key_file: Option<String>,
+    app_key: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corp_id: Option<&'a str>,
+    user_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct PrintedLog<'a> {
+    format: LogFormat,
+    level: &'a str,
+}
+
+/// The redaction marker used wherever a secret would be shown.
+pub const REDACTED: &str = "[redacted]";
+
+fn dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+impl Config {
+    /// The effective configuration as TOML, with every secret replaced by `[redacted]`.
+    pub fn to_redacted_toml(&self) -> String {
+        let u = &self.upstream;
+        let t = &self.token;
+        let printed = Printed {
+            listen: self.listen.to_string(),
+            admin_listen: self.admin_listen.to_string(),
+            shutdown_grace: dur(self.shutdown_grace),
+            upstream: PrintedUpstream {
+                url: u.url.to_string().trim_end_matches('/').to_owned(),
+                ca_file: u.ca_file.as_ref().map(|p| p.display().to_string()),
+                connect_timeout: dur(u.connect_timeout),
+                tls_timeout: dur(u.tls_timeout),
+                request_timeout: dur(u.request_timeout),
+                pool_idle_timeout: dur(u.pool_idle_timeout),
+                pool_max_idle_per_host: u.pool_max_idle_per_host,
+            },
+            token: PrintedToken {
+                refresh_at: t.refresh_at,
+                refresh_jitter: t.refresh_jitter,
+                signature_lifetime: dur(t.signature_lifetime),
+                sign_in_timeout: dur(t.sign_in_timeout),
+                retry_initial: dur(t.retry_initial),
+                retry_max: dur(t.retry_max),
+            },
+            limits: PrintedLimits {
+                replay_body_bytes: self.limits.replay_body_bytes,
+            },
+            apps: self
+                .apps
+                .iter()
+                .map(|a| PrintedApp {
+                    name: &a.name,
+                    app_id: &a.app_id,
+                    app_key_env: match &a.key_source {
+                        KeySource::Env(v) => Some(v),
+                        _ => None,
+                    },
+                    app_key_file: match &a.key_source {
+                        KeySource::File(p) => Some(p.display().to_string()),
+                        _ => None,
+                    },
+                    app_key: REDACTED,
+                    corp_id: a.corp_id.as_deref(),
+                    user_id: &a.user_id,
+                })
+                .collect(),
+            log: PrintedLog {
+                format: self.log.format,
+                level: &self.log.level,
+            },
+        };
+        toml::to_string(&printed).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const MINIMAL: &str = r#"
+        [[apps]]
+        app_id = "app-1"
+        app_key_env = "KEY1"
+    "#;
+
+    #[test]
+    fn defaults_and_env_key() {
+        let c = load_str(MINIMAL, &env(&[("KEY1", "s3cret-key")])).expect("valid");
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(c.upstream.url.host(), Some("api.meeting.huaweicloud.com"));
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.apps[0].name, "default");
+        assert_eq!(c.apps[0].app_key.expose_secret(), "s3cret-key");
+        assert_eq!(c.limits.replay_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn env_overrides_file_values() {
+        let c = load_str(
+            MINIMAL,
+            &env(&[
+                ("KEY1", "k"),
+                ("MEETGATE__UPSTREAM__URL", "https://127.0.0.1:8443"),
+                ("MEETGATE__UPSTREAM__CONNECT_TIMEOUT", "250ms"),
+                ("MEETGATE__LOG__FORMAT", "json"),
+                ("MEETGATE__LIMITS__REPLAY_BODY_BYTES", "4096"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.upstream.url.port_u16(), Some(8443));
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.limits.replay_body_bytes, 4096);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = load_str(
+            &format!("{MINIMAL}\n[upstream]\nurll = \"x\"\n"),
+            &env(&[("KEY1", "k")]),
+        )
+        .expect_err("unknown key");
+        assert!(e.to_string().contains("urll"), "{e}");
+        let e = load_str(&format!("lisen = \"x\"\n{MINIMAL}"), &env(&[("KEY1", "k")]))
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_names_its_key_and_value() {
+        let text = r#"
+            listen = "localhost"
+            [upstream]
+            url = "http://plain.example"
+            connect_timeout = "soon"
+            [log]
+            format = "xml"
+            [[apps]]
+            app_id = "a"
+            app_key_env = "MISSING"
+        "#;
+        let e = load_str(text, &env(&[])).expect_err("invalid");
+        let problems = e.problems();
+        let has = |k: &str, v: &str| {
+            problems
+                .iter()
+                .any(|p| p.starts_with(&format!("{k} = {v}")))
+        };
+        assert!(has("listen", "\"localhost\""), "{problems:?}");
+        assert!(
+            has("upstream.url", "\"http://plain.example\""),
+            "{problems:?}"
+        );
+        assert!(has("upstream.connect_timeout", "\"soon\""), "{problems:?}");
+        assert!(has("log.format", "\"xml\""), "{problems:?}");
+        assert!(has("apps[0].app_key_env", "\"MISSING\""), "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
+    }
+
+    #[test]
+    fn key_file_trailing_newline_is_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key");
+        std::fs::write(&path, "file-key\n").expect("write");
+        let text = format!(
+            "[[apps]]\napp_id = \"a\"\napp_key_file = \"{}\"\n",
+            path.display()
+        );
+        let c = load_str(&text, &env(&[])).expect("valid");
+        assert_eq!(c.apps[0].app_key.expose_secret(), "file-key");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_and_print() {
+        let text = "[[apps]]\napp_id = \"a\"\napp_key = \"inline-secret-123\"\n";
+        let c = load_str(text, &env(&[])).expect("valid");
+        assert_eq!(c.warnings.len(), 1);
+        assert!(!format!("{c:?}").contains("inline-secret-123"));
+        let printed = c.to_redacted_toml();
+        assert!(!printed.contains("inline-secret-123"));
+        assert!(printed.contains(REDACTED), "{printed}");
+        // What is printed loads again (the key then comes from elsewhere).
+        assert!(printed.contains("app_id = \"a\""));
+    }
+
+    #[test]
+    fn zero_durations_and_duplicate_names_are_refused() {
+        let text = r#"
+            [upstream]
+            request_timeout = "0s"
+            [[apps]]
+            name = "x"
+            app_id = "a"
+            app_key = "k"
+            [[apps]]
+            name = "x"
+            app_id = "b"
+            app_key = "k"
+        "#;
+        let problems = load_str(text, &env(&[])).expect_err("invalid").problems();
+        assert!(problems
+            .iter()
+            .any(|p| p.starts_with("upstream.request_timeout")));
+        assert!(problems
+            .iter()
+            .any(|p| p.starts_with("apps[1].name = \"x\": duplicate")));
+    }
+}

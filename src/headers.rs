@@ -1,0 +1,100 @@
+//! Header names the gateway reads or writes, the hop-by-hop list, and request/response rewriting.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+pub const X_ACCESS_TOKEN: HeaderName = HeaderName::from_static("x-access-token");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_APIG_LATENCY: HeaderName = HeaderName::from_static("x-apig-latency");
+pub const X_APIG_UPSTREAM_LATENCY: HeaderName = HeaderName::from_static("x-apig-upstream-latency");
+pub const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
+pub const X_APIG_RATELIMIT_API: HeaderName = HeaderName::from_static("x-apig-ratelimit-api");
+pub const X_APIG_RATELIMIT_ALLENV: HeaderName =
+    HeaderName::from_static("x-apig-ratelimit-api-allenv");
+pub const X_MEETGATE_APP: HeaderName = HeaderName::from_static("x-meetgate-app");
+pub const X_MEETGATE_USER: HeaderName = HeaderName::from_static("x-meetgate-user");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Credentials a client may send that must never reach the upstream: the gateway's token
+/// replaces them, and the meetgate selection headers are for the gateway alone.
+const CLIENT_CREDENTIALS: [HeaderName; 5] = [
+    X_ACCESS_TOKEN,
+    header::AUTHORIZATION,
+    header::COOKIE,
+    X_MEETGATE_APP,
+    X_MEETGATE_USER,
+];
+
+/// Removes hop-by-hop headers, including any named by `Connection` (RFC 9110 §7.6.1).
+/// `Transfer-Encoding` is removed too: the body is re-framed by our own client or server.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Only allocate when a Connection header names extra headers, which is rare.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Prepares a client's headers for the upstream: hop-by-hop and client credentials removed,
+/// `Host` dropped (the client sets it from the upstream URL).
+pub fn sanitize_request(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    for name in &CLIENT_CREDENTIALS {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn request_sanitising() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-custom-hop"),
+        );
+        h.insert("x-custom-hop", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(X_ACCESS_TOKEN, HeaderValue::from_static("client-token"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        h.insert(header::HOST, HeaderValue::from_static("evil.example"));
+        h.insert(X_MEETGATE_USER, HeaderValue::from_static("alice"));
+        h.insert("x-conference-authorization", HeaderValue::from_static("ct"));
+        h.insert("x-password", HeaderValue::from_static("pw"));
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("rid"));
+        sanitize_request(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["x-conference-authorization", "x-password", "x-request-id"]
+        );
+    }
+}

@@ -1,0 +1,374 @@
+//! The upstream's operation table (compiled in from `data/meeting-operations.tsv`) and the
+//! classifier that maps a method and path to an operation, literal segments before `{params}`.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use http::Method;
+
+static TABLE_TSV: &str = include_str!("../data/meeting-operations.tsv");
+
+/// Index of an operation in the table: cheap to copy, to compare and to use as a label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OperationId(u16);
+
+impl OperationId {
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// How the gateway treats an operation beyond forwarding it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OperationKind {
+    /// An ordinary API call: token injected, forwarded.
+    Business,
+    /// A sign-in endpoint: the gateway signs in itself, clients never reach the upstream's.
+    SignIn,
+    /// Acts on the caller's own token (refresh, validate, log out): forwarding it would act on the
+    /// gateway's shared token, so it is never forwarded.
+    TokenManagement,
+    /// A path inside the upstream's API families that the table does not list.
+    Unlisted,
+}
+
+#[derive(Debug)]
+pub struct Operation {
+    pub name: &'static str,
+    pub method: Method,
+    pub path_template: &'static str,
+    pub kind: OperationKind,
+}
+
+/// Name of the catch-all operation for unlisted paths inside the API families.
+pub const UNLISTED: &str = "unlisted";
+
+/// Operations the SDK calls from its credentials object; they are not in the SDK's table.
+const SIGN_IN_ROWS: [(&str, &str, &str); 3] = [
+    ("create_app_id_token", "POST", "/v2/usg/acs/auth/appauth"),
+    ("create_token", "POST", "/v1/usg/acs/auth/account"),
+    ("create_proxy_token", "POST", "/v1/usg/acs/auth/proxy"),
+];
+const TOKEN_MANAGEMENT: [&str; 3] = ["update_token", "check_token", "delete_token"];
+
+#[derive(Default)]
+struct Node {
+    literal: HashMap<&'static str, Node>,
+    param: Option<Box<Node>>,
+    op: Option<OperationId>,
+}
+
+impl Node {
+    fn insert(&mut self, segments: &[&'static str], id: OperationId) {
+        match segments.split_first() {
+            None => self.op = Some(id),
+            Some((seg, rest)) if seg.starts_with('{') && seg.ends_with('}') => self
+                .param
+                .get_or_insert_with(Default::default)
+                .insert(rest, id),
+            Some((seg, rest)) => self.literal.entry(seg).or_default().insert(rest, id),
+        }
+    }
+
+    // Depth-first with the literal child tried first, so a literal segment beats a template
+    // anywhere in the path, and a template is still found when the literal branch dead-ends.
+    fn find<'p>(&self, mut segments: impl Iterator<Item = &'p str> + Clone) -> Option<OperationId> {
+        let Some(seg) = segments.next() else {
+            return self.op;
+        };
+        if let Some(found) = self.literal.get(seg).and_then(|n| n.find(segments.clone())) {
+            return Some(found);
+        }
+        self.param.as_ref().and_then(|n| n.find(segments))
+    }
+}
+
+/// The compiled-in operation table with one routing tree per method.
+pub struct OperationTable {
+    ops: Vec<Operation>,
+    by_method: Vec<(Method, Node)>,
+    families: Vec<String>,
+    unlisted: OperationId,
+    by_name: HashMap<&'static str, OperationId>,
+}
+
+/// Why a request could not be classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassifyError {
+    /// The path is not inside any of the upstream's API families.
+    Unknown,
+    /// The path has a form the upstream might route differently from us (`//`, dot segments,
+    /// encoded separators, a trailing slash, a query-less `?`...): refused rather than guessed.
+    Ambiguous,
+}
+
+static TABLE: LazyLock<OperationTable> = LazyLock::new(|| OperationTable::parse(TABLE_TSV));
+
+impl OperationTable {
+    /// The table compiled into the binary.
+    pub fn global() -> &'static OperationTable {
+        &TABLE
+    }
+
+    fn parse(tsv: &'static str) -> OperationTable {
+        let mut rows: Vec<(&'static str, &'static str, &'static str, OperationKind)> = tsv
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let mut cols = line.split('\t');
+                let (name, method, path) = (cols.next()?, cols.next()?, cols.next()?);
+                let kind = if TOKEN_MANAGEMENT.contains(&name) {
+                    OperationKind::TokenManagement
+                } else {
+                    OperationKind::Business
+                };
+                Some((name, method, path, kind))
+            })
+            .collect();
+        rows.extend(
+            SIGN_IN_ROWS
+                .iter()
+                .map(|&(n, m, p)| (n, m, p, OperationKind::SignIn)),
+        );
+
+        let mut table = OperationTable {
+            ops: Vec::with_capacity(rows.len() + 1),
+            by_method: Vec::new(),
+            families: Vec::new(),
+            unlisted: OperationId(0),
+            by_name: HashMap::new(),
+        };
+        for (name, method, path, kind) in rows {
+            let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+                continue;
+            };
+            let id = OperationId(table.ops.len() as u16);
+            let segments: Vec<&'static str> = path.split('/').skip(1).collect();
+            if let [version, family, ..] = segments.as_slice() {
+                let prefix = format!("/{version}/{family}/");
+                if !table.families.contains(&prefix) {
+                    table.families.push(prefix);
+                }
+            }
+            let tree = match table.by_method.iter_mut().find(|(m, _)| *m == method) {
+                Some((_, tree)) => tree,
+                None => {
+                    table.by_method.push((method.clone(), Node::default()));
+                    let last = table.by_method.len() - 1;
+                    &mut table.by_method[last].1
+                }
+            };
+            tree.insert(&segments, id);
+            table.by_name.insert(name, id);
+            table.ops.push(Operation {
+                name,
+                method,
+                path_template: path,
+                kind,
+            });
+        }
+        table.unlisted = OperationId(table.ops.len() as u16);
+        table.by_name.insert(UNLISTED, table.unlisted);
+        table.ops.push(Operation {
+            name: UNLISTED,
+            method: Method::GET,
+            path_template: "/*",
+            kind: OperationKind::Unlisted,
+        });
+        table
+    }
+
+    /// Classifies a request by method and path (without the query).
+    pub fn classify(&self, method: &Method, path: &str) -> Result<OperationId, ClassifyError> {
+        if !is_canonical(path) {
+            return Err(ClassifyError::Ambiguous);
+        }
+        if !self.families.iter().any(|f| path.starts_with(f.as_str())) {
+            return Err(ClassifyError::Unknown);
+        }
+        let found = self
+            .by_method
+            .iter()
+            .find(|(m, _)| m == method)
+            .and_then(|(_, tree)| tree.find(path.split('/').skip(1)));
+        Ok(found.unwrap_or(self.unlisted))
+    }
+
+    pub fn get(&self, id: OperationId) -> &Operation {
+        &self.ops[id.index()]
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<OperationId> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Every operation, the catch-all last.
+    pub fn all(&self) -> impl Iterator<Item = (OperationId, &Operation)> {
+        self.ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| (OperationId(i as u16), op))
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The path prefixes (`/v1/mmc/`, ...) of the upstream's API families.
+    pub fn families(&self) -> &[String] {
+        &self.families
+    }
+}
+
+/// Longest path the gateway accepts; the upstream's longest template is far shorter.
+pub const MAX_PATH_LEN: usize = 2048;
+
+/// A path is canonical when every reasonable server would route it the same way: no empty,
+/// `.` or `..` segment, no percent-encoded byte that decodes to a separator, a dot or a
+/// control character, no backslash, and no trailing slash.
+fn is_canonical(path: &str) -> bool {
+    if path.len() > MAX_PATH_LEN || !path.starts_with('/') || path.len() < 2 || path.ends_with('/')
+    {
+        return false;
+    }
+    if path.contains('\\') {
+        return false;
+    }
+    for seg in path.split('/').skip(1) {
+        if seg.is_empty() || seg == "." || seg == ".." {
+            return false;
+        }
+    }
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = bytes[i..].iter().position(|&b| b == b'%') {
+        let at = i + pos;
+        let Some(hex) = bytes.get(at + 1..at + 3) else {
+            return false;
+        };
+        let Ok(decoded) = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16) else {
+            return false;
+        };
+        if matches!(decoded, b'/' | b'\\' | b'.' | b'%') || decoded < 0x20 || decoded == 0x7f {
+            return false;
+        }
+        i = at + 3;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(method: Method, path: &str) -> Result<&'static str, ClassifyError> {
+        let t = OperationTable::global();
+        t.classify(&method, path).map(|id| t.get(id).name)
+    }
+
+    #[test]
+    fn every_row_of_the_table_classifies_to_itself() {
+        let t = OperationTable::global();
+        assert_eq!(t.len(), 199 + 3 + 1);
+        for (id, op) in t.all() {
+            if op.kind == OperationKind::Unlisted {
+                continue;
+            }
+            let concrete = op
+                .path_template
+                .split('/')
+                .map(|s| if s.starts_with('{') { "x123" } else { s })
+                .collect::<Vec<_>>()
+                .join("/");
+            let got = t.classify(&op.method, &concrete).expect("classifies");
+            // The one documented collision: a concrete id that happens to equal a literal.
+            assert_eq!(t.get(got).path_template, op.path_template, "{}", op.name);
+            assert_eq!(got, id, "{}", op.name);
+        }
+    }
+
+    #[test]
+    fn literal_segments_win_over_templates() {
+        let base = "/v1/wss/webinar/open/conferences";
+        assert_eq!(
+            name(Method::GET, &format!("{base}/history")),
+            Ok("list_history_webinars")
+        );
+        assert_eq!(
+            name(Method::GET, &format!("{base}/upcoming")),
+            Ok("list_up_coming_webinars")
+        );
+        assert_eq!(
+            name(Method::GET, &format!("{base}/c-42")),
+            Ok("show_webinar")
+        );
+        assert_eq!(
+            name(Method::DELETE, &format!("{base}/history")),
+            Ok("delete_webinar")
+        );
+    }
+
+    #[test]
+    fn known_rows() {
+        assert_eq!(
+            name(Method::POST, "/v1/mmc/management/conferences/start"),
+            Ok("start_meeting")
+        );
+        assert_eq!(
+            name(Method::POST, "/v2/usg/acs/auth/appauth"),
+            Ok("create_app_id_token")
+        );
+        assert_eq!(
+            name(Method::DELETE, "/v1/usg/acs/token"),
+            Ok("delete_token")
+        );
+        assert_eq!(
+            name(Method::GET, "/v1/usg/dcs/corp/member/alice"),
+            Ok("show_user_detail")
+        );
+    }
+
+    #[test]
+    fn unknown_and_unlisted() {
+        assert_eq!(name(Method::GET, "/"), Err(ClassifyError::Ambiguous));
+        assert_eq!(name(Method::GET, "/admin"), Err(ClassifyError::Unknown));
+        assert_eq!(name(Method::GET, "/v3/usg/x"), Err(ClassifyError::Unknown));
+        assert_eq!(name(Method::GET, "/v1/mmc/nothing/here"), Ok(UNLISTED));
+        // Wrong method for a known path is still inside the family: forwarded as unlisted.
+        assert_eq!(
+            name(Method::PATCH, "/v1/mmc/management/conferences/start"),
+            Ok(UNLISTED)
+        );
+    }
+
+    #[test]
+    fn path_tricks_are_refused() {
+        for p in [
+            "/v1/mmc//management/conferences/start",
+            "/v1/mmc/./management/conferences/start",
+            "/v1/mmc/x/../management/conferences/start",
+            "/v1/mmc/management/conferences/start/",
+            "/v1/mmc/management%2Fconferences/start",
+            "/v1/mmc/management/conferences/%2e%2e/start",
+            "/v1/mmc/management/conferences/start%00",
+            "/v1/mmc/management/conferences/st%zzart",
+            "/v1\\mmc/management/conferences/start",
+        ] {
+            assert_eq!(name(Method::POST, p), Err(ClassifyError::Ambiguous), "{p}");
+        }
+        // Case is significant upstream: a different case is a different (unlisted) path.
+        assert_eq!(
+            name(Method::POST, "/v1/mmc/management/conferences/START"),
+            Ok(UNLISTED)
+        );
+        // Ordinary percent-encoding in a parameter is fine.
+        assert_eq!(
+            name(Method::GET, "/v1/usg/dcs/corp/member/alice%40corp"),
+            Ok("show_user_detail")
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! The upstream HTTPS client: rustls with verified certificates, a pooled hyper-util client
+//! (HTTP/2 when ALPN offers it), a timeout per phase, and errors that name the phase.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::body::ProxyBody;
+use crate::config::UpstreamConfig;
+use crate::error::{GatewayError, Phase};
+
+type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// Why a connection could not be made, carried through hyper-util's error to [`classify`].
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{phase} timed out", phase = .0.as_str())]
+    Timeout(Phase, Duration),
+    #[error("{phase}: {1}", phase = .0.as_str())]
+    Failed(Phase, #[source] std::io::Error),
+    #[error("upstream URL has no host")]
+    NoHost,
+}
+
+/// TCP connect then TLS handshake, each under its own timeout, so an error says which phase
+/// failed (tokio-rustls' client example does the same).
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    tcp: HttpConnector,
+    tls: TlsConnector,
+    connect_timeout: Duration,
+    tls_timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = Stream;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Stream, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or(ConnectError::NoHost)?;
+            // IPv6 literals come bracketed in URIs; ServerName wants them bare.
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let server_name = ServerName::try_from(host)
+                .map_err(|e| ConnectError::Failed(Phase::TlsHandshake, std::io::Error::other(e)))?;
+            let mut tcp = this.tcp;
+            let tcp = tokio::time::timeout(this.connect_timeout, tcp.call(uri))
+                .await
+                .map_err(|_| ConnectError::Timeout(Phase::Connect, this.connect_timeout))?
+                .map_err(|e| ConnectError::Failed(Phase::Connect, std::io::Error::other(e)))?;
+            let tls = tokio::time::timeout(
+                this.tls_timeout,
+                this.tls.connect(server_name, TokioIo::new(tcp)),
+            )
+            .await
+            .map_err(|_| ConnectError::Timeout(Phase::TlsHandshake, this.tls_timeout))?
+            .map_err(|e| ConnectError::Failed(Phase::TlsHandshake, e))?;
+            Ok(MaybeHttpsStream::Https(TokioIo::new(tls)))
+        })
+    }
+}
+
+/// The pooled client for the one configured upstream.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<UpstreamConnector, ProxyBody>,
+    scheme_authority: Arc<str>,
+    request_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBuildError {
+    #[error("upstream TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The rustls client configuration: webpki roots plus the extra roots, ALPN h2 and http/1.1.
+pub fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Result<ClientConfig, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_roots {
+        roots.add(cert.clone())?;
+    }
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamBuildError> {
+        let tls = tls_config(&cfg.extra_roots)?;
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_keepalive(Some(Duration::from_secs(60)));
+        let connector = UpstreamConnector {
+            tcp,
+            tls: TlsConnector::from(Arc::new(tls)),
+            connect_timeout: cfg.connect_timeout,
+            tls_timeout: cfg.tls_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        let scheme_authority = cfg.url.to_string().trim_end_matches('/').into();
+        Ok(Upstream {
+            client,
+            scheme_authority,
+            request_timeout: cfg.request_timeout,
+        })
+    }
+
+    /// The absolute URI of `path_and_query` on the upstream. Only ever the configured upstream:
+    /// what the client put in `Host` or an absolute-form URI plays no part.
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, GatewayError> {
+        let mut s = String::with_capacity(self.scheme_authority.len() + path_and_query.len());
+        s.push_str(&self.scheme_authority);
+        s.push_str(path_and_query);
+        Uri::try_from(s)
+            .map_err(|_| GatewayError::BadRequest("the request target is not a valid URI"))
+    }
+
+    /// Sends a request and waits for the response headers under `request_timeout`.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, GatewayError> {
+        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+            Err(_) => Err(GatewayError::UpstreamTimeout {
+                phase: Phase::ResponseHeaders,
+                after: self.request_timeout,
+            }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(&e)),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+}
+
+/// Maps a client error to a gateway error naming the phase, from the innermost cause we know.
+fn classify(err: &hyper_util::client::legacy::Error) -> GatewayError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(s) = source {
+        if let Some(ce) = s.downcast_ref::<ConnectError>() {
+            return match ce {
+                ConnectError::Timeout(phase, after) => GatewayError::UpstreamTimeout {
+                    phase: *phase,
+                    after: *after,
+                },
+                ConnectError::Failed(phase, io) => GatewayError::UpstreamUnreachable {
+                    phase: *phase,
+                    detail: io.to_string(),
+                },
+                ConnectError::NoHost => GatewayError::UpstreamUnreachable {
+                    phase: Phase::Connect,
+                    detail: ce.to_string(),
+                },
+            };
+        }
+        source = s.source();
+    }
+    let phase = if err.is_connect() {
+        Phase::Connect
+    } else {
+        Phase::ResponseHeaders
+    };
+    GatewayError::UpstreamUnreachable {
+        phase,
+        detail: error_chain(err),
+    }
+}
+
+/// "outer: inner: innermost", for messages and logs; none of our errors carry secrets.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Reads a whole (small) upstream body; used for sign-in answers and 401 checks only.
+pub async fn read_body(
+    body: Incoming,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, GatewayError> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(GatewayError::UpstreamTimeout {
+            phase: Phase::ResponseBody,
+            after: timeout,
+        }),
+        Ok(Err(e)) => Err(GatewayError::UpstreamUnreachable {
+            phase: Phase::ResponseBody,
+            detail: e.to_string(),
+        }),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}

@@ -1,0 +1,201 @@
+//! The binary as a user runs it: `check-config`, `run --config`, `demo`, and the shipped configs.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_meetgate");
+
+/// Kills the child process when dropped, so a failing test leaves nothing behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads the child's stdout on a thread until a line contains `marker`; returns lines so far.
+fn wait_for_line(child: &mut Child, marker: &'static str) -> Vec<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let done = line.contains(marker);
+            lines.push(line);
+            if done {
+                let _ = tx.send(lines.clone());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("no line with {marker:?} within the deadline"))
+}
+
+#[test]
+fn check_config_prints_redacted_config_or_names_the_bad_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[[apps]]\napp_id = \"a\"\napp_key_env = \"CHECK_KEY\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .env("CHECK_KEY", "super-secret-app-key")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("app_key = \"[redacted]\""), "{stdout}");
+    assert!(stdout.contains("app_key_env = \"CHECK_KEY\""));
+    assert!(!stdout.contains("super-secret-app-key"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[upstream]\nrequest_timeout = \"forever\"\n[[apps]]\napp_id = \"a\"\napp_key_env = \"CHECK_KEY\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .env("CHECK_KEY", "k")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upstream.request_timeout = \"forever\""),
+        "{stderr}"
+    );
+
+    // Environment overrides go through the same validation.
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .env("CHECK_KEY", "k")
+        .env("MEETGATE__UPSTREAM__URL", "ftp://nope")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.url = \"ftp://nope\""));
+}
+
+#[test]
+fn every_shipped_config_loads() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let key_dir = tempfile::tempdir().expect("tempdir");
+    let mut env = env();
+    env.insert("MEETGATE_APP_KEY".into(), "example-key".into());
+    let mut loaded = 0;
+    for entry in std::fs::read_dir(&dir).expect("config/ exists") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        // Key files named in the examples are replaced by a temporary one.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let key_file = key_dir.path().join("app_key");
+        std::fs::write(&key_file, "file-key\n").expect("write key");
+        let text = text.replace(
+            "/run/secrets/meetgate/app_key",
+            &key_file.display().to_string(),
+        );
+        meetgate::config::load_str(&text, &env)
+            .unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()));
+        loaded += 1;
+    }
+    assert!(loaded >= 2, "config/ holds the example configs");
+}
+
+#[tokio::test]
+async fn run_subcommand_serves_with_a_config_file() {
+    let sim = default_sim().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, sim.ca_pem()).expect("write ca");
+    let cfg = dir.path().join("meetgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\nca_file = {:?}\n[[apps]]\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n[log]\nformat = \"json\"\n",
+            sim.url(),
+            ca.display().to_string()
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env(KEY_ENV, APP_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let lines = wait_for_line(&mut child, "Listening");
+    let _guard = Running(child);
+    let listening: serde_json::Value =
+        serde_json::from_str(lines.last().expect("a line")).expect("JSON log line");
+    let addr = listening["addr"].as_str().expect("addr field").to_owned();
+    let client: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::post(format!("http://{addr}{START}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"conferenceID":"1","password":"p"}"#,
+        )))
+        .expect("request");
+    let resp = client.request(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn demo_prints_a_curl_line_that_works() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let lines = wait_for_line(&mut child, "-d '");
+    let _guard = Running(child);
+    let curl = lines
+        .iter()
+        .find(|l| l.contains("curl -s -X POST http://"))
+        .expect("a curl line");
+    let url = curl
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("url")
+        .to_owned();
+    let body = lines
+        .last()
+        .and_then(|l| l.split('\'').nth(1))
+        .expect("the -d body")
+        .to_owned();
+    let client: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("request");
+    let resp = client.request(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert!(v["uuid"].is_string() && v["regionIP"].is_string(), "{v}");
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the gateway in-process against the embedded simulator over real TLS on
+//! ephemeral loopback ports.
+
+mod cli;
+mod forwarding;
+mod logs;
+mod support;
+mod tokens;

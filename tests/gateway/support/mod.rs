@@ -1,0 +1,249 @@
+//! Test harness: the real simulator over real TLS, the real gateway on an ephemeral loopback
+//! port, an HTTP client, and polling with deadlines instead of sleeps.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use meetgate::simulator::{self, SimApp, SimConfig, SimHandle, SimLimits};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const APP_ID: &str = "f1e2d3c4b5a697887766554433221100";
+pub const APP_KEY: &str = "test-app-key-7c1d9e0b4a";
+pub const KEY_ENV: &str = "TEST_MEETGATE_APP_KEY";
+pub const START: &str = "/v1/mmc/management/conferences/start";
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// The upstream app a simulator accepts by default.
+pub fn sim_app() -> SimApp {
+    SimApp::new(APP_ID, APP_KEY)
+}
+
+pub async fn start_sim(config: SimConfig) -> SimHandle {
+    simulator::start(config).await.expect("simulator starts")
+}
+
+/// A simulator with the default test app and no rate limits (quota tests set their own).
+pub async fn default_sim() -> SimHandle {
+    start_sim(SimConfig {
+        apps: vec![sim_app()],
+        limits: SimLimits::unlimited(),
+        ..SimConfig::default()
+    })
+    .await
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub client: HttpClient,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Options for a gateway under test.
+pub struct GatewayOptions {
+    /// Extra TOML appended to the generated config (sections must come after `[upstream]`).
+    pub extra: String,
+    /// Whether the gateway trusts the simulator's CA.
+    pub trust_sim: bool,
+    /// Replaces the `[[apps]]` section.
+    pub apps: Option<String>,
+    /// Extra `[upstream]` keys.
+    pub upstream: String,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            extra: String::new(),
+            trust_sim: true,
+            apps: None,
+            upstream: String::new(),
+        }
+    }
+}
+
+pub fn env() -> HashMap<String, String> {
+    HashMap::from([(KEY_ENV.to_owned(), APP_KEY.to_owned())])
+}
+
+/// Writes the config a test gateway runs with and loads it through the real loader.
+pub fn gateway_config(
+    sim_url: &str,
+    ca_pem: &str,
+    opts: &GatewayOptions,
+    dir: &std::path::Path,
+) -> meetgate::Config {
+    let ca_file = dir.join("sim-ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write ca");
+    let ca_line = if opts.trust_sim {
+        format!("ca_file = {:?}\n", ca_file.display().to_string())
+    } else {
+        String::new()
+    };
+    let apps = opts.apps.clone().unwrap_or_else(|| {
+        format!(
+            "[[apps]]\nname = \"default\"\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n"
+        )
+    });
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+         [upstream]\nurl = \"{sim_url}\"\n{ca_line}connect_timeout = \"2s\"\nrequest_timeout = \"5s\"\n{}\n\
+         [token]\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\n{}\n{apps}",
+        opts.upstream, opts.extra
+    );
+    let path = dir.join("meetgate.toml");
+    std::fs::write(&path, &toml).expect("write config");
+    meetgate::config::load(&path, &env()).expect("test config is valid")
+}
+
+pub async fn spawn_gateway(sim: &SimHandle, opts: GatewayOptions) -> TestGateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = gateway_config(&sim.url(), sim.ca_pem(), &opts, dir.path());
+    spawn_with_config(config, dir).await
+}
+
+pub async fn spawn_with_config(config: meetgate::Config, dir: tempfile::TempDir) -> TestGateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        meetgate::run(Arc::new(config), listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("gateway runs");
+    });
+    TestGateway {
+        addr,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        dir,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn error_code(&self) -> String {
+        self.json()["error_code"].as_str().unwrap_or("").to_owned()
+    }
+}
+
+impl TestGateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
+        let resp = self.client.request(req).await.expect("gateway answers");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
+        let mut b = Request::builder().method(method).uri(self.url(path));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.send(
+            b.body(Full::new(Bytes::copy_from_slice(body)))
+                .expect("request"),
+        )
+        .await
+    }
+
+    pub async fn start_meeting(&self) -> Reply {
+        self.request(
+            Method::POST,
+            START,
+            &[("content-type", "application/json")],
+            br#"{"conferenceID":"914087436","password":"123456"}"#,
+        )
+        .await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `check` until it holds or `timeout` passes; panics with `what` on timeout.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Business requests the simulator received for `path`.
+pub fn received(sim: &SimHandle, path: &str) -> Vec<simulator::RecordedRequest> {
+    sim.requests()
+        .into_iter()
+        .filter(|r| r.path_and_query.split('?').next() == Some(path))
+        .collect()
+}
+
+pub fn header<'a>(r: &'a simulator::RecordedRequest, name: &str) -> Option<&'a str> {
+    r.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
