@@ -1,0 +1,2 @@
+//! Load benchmark (work in progress).
+fn main() {}
