@@ -7,10 +7,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::num::NonZeroU32;
+
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+use crate::operations::{OperationId, OperationTable};
+use crate::quota::{derive, GcraParams, LimitKind, LimitSpec};
 
 /// Prefix of environment overrides: `MEETGATE__UPSTREAM__URL` sets `upstream.url`.
 pub const ENV_PREFIX: &str = "MEETGATE";
@@ -29,6 +34,8 @@ struct RawConfig {
     token: RawToken,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    quota: RawQuota,
     #[serde(default)]
     apps: Vec<RawApp>,
     #[serde(default)]
@@ -62,6 +69,31 @@ struct RawToken {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     replay_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    enabled: Option<bool>,
+    mode: Option<String>,
+    max_wait: Option<String>,
+    scope: Option<String>,
+    per_api_per_minute: Option<u32>,
+    all_env_per_second: Option<u32>,
+    per_api_window: Option<String>,
+    all_env_window: Option<String>,
+    burst: Option<u32>,
+    safety_margin: Option<String>,
+    #[serde(default)]
+    operations: HashMap<String, RawOpQuota>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpQuota {
+    per_api_per_minute: Option<u32>,
+    all_env_per_second: Option<u32>,
+    burst: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +135,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub token: TokenConfig,
     pub limits: LimitsConfig,
+    pub quota: QuotaConfig,
     pub apps: Vec<AppConfig>,
     pub log: LogConfig,
     /// Things worth a warning at start (an inline key, ...), logged once telemetry is up.
@@ -140,6 +173,77 @@ pub struct TokenConfig {
 pub struct LimitsConfig {
     /// Request bodies up to this size are buffered so a request can be replayed.
     pub replay_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMode {
+    /// Wait (up to `max_wait`) for a slot.
+    Pace,
+    /// Refuse at once when the limiter says no.
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaScope {
+    /// One bucket per operation and app.
+    App,
+    /// One bucket per operation, app and user.
+    User,
+    /// One bucket per operation for the whole gateway.
+    Gateway,
+}
+
+/// Quota settings with every operation's limits resolved and their GCRA parameters derived.
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    pub enabled: bool,
+    pub mode: QuotaMode,
+    pub max_wait: Duration,
+    pub scope: QuotaScope,
+    pub safety_margin: Duration,
+    pub burst: NonZeroU32,
+    pub per_api_per_minute: NonZeroU32,
+    pub all_env_per_second: NonZeroU32,
+    pub per_api_window: Duration,
+    pub all_env_window: Duration,
+    /// Indexed by operation: its limits, shortest window first.
+    resolved: Vec<Vec<(LimitSpec, GcraParams)>>,
+    overrides: Vec<(String, [Option<u32>; 3])>,
+}
+
+impl QuotaConfig {
+    /// The limits covering `op`, shortest window first.
+    pub fn limits_for(&self, op: OperationId) -> Vec<(LimitSpec, GcraParams)> {
+        self.resolved.get(op.index()).cloned().unwrap_or_default()
+    }
+
+    /// The longest window of any limit: buckets idle this long hold no state worth keeping.
+    pub fn longest_window(&self) -> Duration {
+        self.per_api_window.max(self.all_env_window)
+    }
+
+    /// A configuration for unit tests: every operation gets these two limits.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        per_api: u32,
+        per_api_window: Duration,
+        all_env: u32,
+        all_env_window: Duration,
+        burst: u32,
+    ) -> QuotaConfig {
+        let mut c = Checker::default();
+        let raw = RawQuota {
+            per_api_per_minute: Some(per_api),
+            all_env_per_second: Some(all_env),
+            burst: Some(burst),
+            per_api_window: Some(humantime::format_duration(per_api_window).to_string()),
+            all_env_window: Some(humantime::format_duration(all_env_window).to_string()),
+            ..RawQuota::default()
+        };
+        let q = validate_quota(&mut c, raw);
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        q
+    }
 }
 
 /// One App ID credential.
@@ -375,6 +479,7 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         );
     }
     let limits = LimitsConfig { replay_body_bytes };
+    let quota = validate_quota(&mut c, raw.quota);
 
     if raw.apps.is_empty() {
         c.problem("apps", "", "at least one [[apps]] entry is required");
@@ -420,10 +525,160 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         upstream,
         token,
         limits,
+        quota,
         apps,
         log: LogConfig { format, level },
         warnings,
     })
+}
+
+fn non_zero(c: &mut Checker, key: &str, raw: Option<u32>, default: u32) -> NonZeroU32 {
+    let v = raw.unwrap_or(default);
+    NonZeroU32::new(v).unwrap_or_else(|| {
+        c.problem(key, v, "must be at least 1");
+        NonZeroU32::MIN
+    })
+}
+
+fn validate_quota(c: &mut Checker, q: RawQuota) -> QuotaConfig {
+    let mode = match q.mode.as_deref().unwrap_or("pace") {
+        "pace" => QuotaMode::Pace,
+        "reject" => QuotaMode::Reject,
+        other => {
+            c.problem(
+                "quota.mode",
+                quoted(other),
+                "must be \"pace\" or \"reject\"",
+            );
+            QuotaMode::Pace
+        }
+    };
+    let scope = match q.scope.as_deref().unwrap_or("app") {
+        "app" => QuotaScope::App,
+        "user" => QuotaScope::User,
+        "gateway" => QuotaScope::Gateway,
+        other => {
+            c.problem(
+                "quota.scope",
+                quoted(other),
+                "must be \"app\", \"user\" or \"gateway\"",
+            );
+            QuotaScope::App
+        }
+    };
+    let max_wait = c.duration("quota.max_wait", q.max_wait.as_deref(), "5s");
+    let safety_margin = match q.safety_margin.as_deref() {
+        // Zero is a legitimate margin, unlike a zero timeout.
+        Some("0") | Some("0s") | Some("0ms") => Duration::ZERO,
+        other => c.duration("quota.safety_margin", other, "100ms"),
+    };
+    let per_api_window = c.duration("quota.per_api_window", q.per_api_window.as_deref(), "1m");
+    let all_env_window = c.duration("quota.all_env_window", q.all_env_window.as_deref(), "1s");
+    let per_api = non_zero(c, "quota.per_api_per_minute", q.per_api_per_minute, 100);
+    let all_env = non_zero(c, "quota.all_env_per_second", q.all_env_per_second, 200);
+    let burst = non_zero(c, "quota.burst", q.burst, 10);
+
+    let table = OperationTable::global();
+    let mut overrides: Vec<(String, [Option<u32>; 3])> = Vec::new();
+    let mut per_op: HashMap<OperationId, &RawOpQuota> = HashMap::new();
+    let mut names: Vec<&String> = q.operations.keys().collect();
+    names.sort();
+    for name in names {
+        let o = &q.operations[name];
+        match table.by_name(name) {
+            Some(id) => {
+                per_op.insert(id, o);
+                overrides.push((
+                    name.clone(),
+                    [o.per_api_per_minute, o.all_env_per_second, o.burst],
+                ));
+            }
+            None => c.problem(
+                format!("quota.operations.{name}"),
+                "",
+                "no such operation (see data/meeting-operations.tsv)",
+            ),
+        }
+    }
+
+    let mut default_ok = true;
+    let mut resolved = Vec::with_capacity(table.len());
+    for (id, op) in table.all() {
+        let o = per_op.get(&id);
+        let prefix = if o.is_some() {
+            format!("quota.operations.{}.", op.name)
+        } else {
+            "quota.".to_owned()
+        };
+        let n_api = match o.and_then(|o| o.per_api_per_minute) {
+            Some(v) => non_zero(c, &format!("{prefix}per_api_per_minute"), Some(v), 1),
+            None => per_api,
+        };
+        let n_env = match o.and_then(|o| o.all_env_per_second) {
+            Some(v) => non_zero(c, &format!("{prefix}all_env_per_second"), Some(v), 1),
+            None => all_env,
+        };
+        let b = match o.and_then(|o| o.burst) {
+            Some(v) => non_zero(c, &format!("{prefix}burst"), Some(v), 1),
+            None => burst,
+        };
+        // Report a problem with the defaults once, not for each of the 200 operations.
+        let report = o.is_some() || default_ok;
+        let mut limits = Vec::with_capacity(2);
+        for (kind, n, window, key) in [
+            (
+                LimitKind::AllEnv,
+                n_env,
+                all_env_window,
+                "all_env_per_second",
+            ),
+            (
+                LimitKind::PerApi,
+                n_api,
+                per_api_window,
+                "per_api_per_minute",
+            ),
+        ] {
+            match derive(n, window, safety_margin, b) {
+                Ok(params) => limits.push((
+                    LimitSpec {
+                        kind,
+                        limit: n,
+                        window,
+                    },
+                    params,
+                )),
+                Err(msg) => {
+                    if report {
+                        c.problem(
+                            format!("{prefix}burst"),
+                            b,
+                            format!("with {prefix}{key} = {n}: {msg}"),
+                        );
+                    }
+                    if o.is_none() {
+                        default_ok = false;
+                    }
+                }
+            }
+        }
+        limits.sort_by_key(|(spec, _)| spec.window);
+        resolved.push(limits);
+    }
+    QuotaConfig {
+        enabled: q.enabled.unwrap_or(true),
+        mode,
+        max_wait,
+        scope,
+        safety_margin,
+        burst,
+        per_api_per_minute: per_api,
+        all_env_per_second: all_env,
+        per_api_window,
+        all_env_window,
+        resolved,
+        overrides,
+    }
 }
 
 fn validate_upstream(c: &mut Checker, u: RawUpstream) -> UpstreamConfig {
@@ -625,6 +880,7 @@ struct Printed<'a> {
     upstream: PrintedUpstream,
     token: PrintedToken,
     limits: PrintedLimits,
+    quota: PrintedQuota,
     apps: Vec<PrintedApp<'a>>,
     log: PrintedLog<'a>,
 }
@@ -654,6 +910,31 @@ struct PrintedToken {
 #[derive(Serialize)]
 struct PrintedLimits {
     replay_body_bytes: usize,
+}
+
+#[derive(Serialize)]
+struct PrintedQuota {
+    enabled: bool,
+    mode: &'static str,
+    max_wait: String,
+    scope: &'static str,
+    per_api_per_minute: u32,
+    all_env_per_second: u32,
+    per_api_window: String,
+    all_env_window: String,
+    burst: u32,
+    safety_margin: String,
+    operations: std::collections::BTreeMap<String, PrintedOpQuota>,
+}
+
+#[derive(Serialize)]
+struct PrintedOpQuota {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_api_per_minute: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    all_env_per_second: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    burst: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -711,6 +992,40 @@ impl Config {
             },
             limits: PrintedLimits {
                 replay_body_bytes: self.limits.replay_body_bytes,
+            },
+            quota: PrintedQuota {
+                enabled: self.quota.enabled,
+                mode: match self.quota.mode {
+                    QuotaMode::Pace => "pace",
+                    QuotaMode::Reject => "reject",
+                },
+                max_wait: dur(self.quota.max_wait),
+                scope: match self.quota.scope {
+                    QuotaScope::App => "app",
+                    QuotaScope::User => "user",
+                    QuotaScope::Gateway => "gateway",
+                },
+                per_api_per_minute: self.quota.per_api_per_minute.get(),
+                all_env_per_second: self.quota.all_env_per_second.get(),
+                per_api_window: dur(self.quota.per_api_window),
+                all_env_window: dur(self.quota.all_env_window),
+                burst: self.quota.burst.get(),
+                safety_margin: dur(self.quota.safety_margin),
+                operations: self
+                    .quota
+                    .overrides
+                    .iter()
+                    .map(|(name, [a, e, b])| {
+                        (
+                            name.clone(),
+                            PrintedOpQuota {
+                                per_api_per_minute: *a,
+                                all_env_per_second: *e,
+                                burst: *b,
+                            },
+                        )
+                    })
+                    .collect(),
             },
             apps: self
                 .apps
@@ -855,6 +1170,56 @@ mod tests {
         assert!(printed.contains(REDACTED), "{printed}");
         // What is printed loads again (the key then comes from elsewhere).
         assert!(printed.contains("app_id = \"a\""));
+    }
+
+    #[test]
+    fn quota_settings_are_validated_with_their_keys() {
+        let text = format!(
+            "{MINIMAL}\n[quota]\nburst = 150\nmode = \"sometimes\"\n[quota.operations.start_meeting]\nper_api_per_minute = 0\n[quota.operations.no_such_op]\nburst = 1\n"
+        );
+        let problems = load_str(&text, &env(&[("KEY1", "k")]))
+            .expect_err("invalid")
+            .problems();
+        let has = |prefix: &str| problems.iter().any(|p| p.starts_with(prefix));
+        assert!(has("quota.burst = 150"), "{problems:?}");
+        assert!(has("quota.mode = \"sometimes\""), "{problems:?}");
+        assert!(
+            has("quota.operations.start_meeting.per_api_per_minute = 0"),
+            "{problems:?}"
+        );
+        assert!(has("quota.operations.no_such_op"), "{problems:?}");
+        // The default burst problem is reported once, not for every operation.
+        assert_eq!(
+            problems
+                .iter()
+                .filter(|p| p.starts_with("quota.burst"))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn quota_overrides_apply_to_their_operation_only() {
+        let text =
+            format!("{MINIMAL}\n[quota.operations.start_meeting]\nper_api_per_minute = 50\n");
+        let c = load_str(&text, &env(&[("KEY1", "k")])).expect("valid");
+        let table = OperationTable::global();
+        let start = table.by_name("start_meeting").expect("op");
+        let other = table.by_name("stop_meeting").expect("op");
+        let limit = |op| {
+            c.quota
+                .limits_for(op)
+                .iter()
+                .find(|(s, _)| s.kind == LimitKind::PerApi)
+                .map(|(s, _)| s.limit.get())
+        };
+        assert_eq!(limit(start), Some(50));
+        assert_eq!(limit(other), Some(100));
+        // Short window first.
+        assert_eq!(c.quota.limits_for(start)[0].0.kind, LimitKind::AllEnv);
+        assert!(c
+            .to_redacted_toml()
+            .contains("[quota.operations.start_meeting]"));
     }
 
     #[test]

@@ -47,6 +47,13 @@ pub enum GatewayError {
     UpstreamTimeout { phase: Phase, after: Duration },
     #[error("the client request body could not be read")]
     ClientBody,
+    #[error("upstream quota for this operation is spent; retry after {}s", retry_after_secs(*.retry_after))]
+    QuotaExceeded { retry_after: Duration },
+}
+
+/// `Retry-After` in whole seconds, rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    (d.as_millis().div_ceil(1000) as u64).max(1)
 }
 
 impl GatewayError {
@@ -61,6 +68,7 @@ impl GatewayError {
             GatewayError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -76,12 +84,13 @@ impl GatewayError {
             GatewayError::TokenUnavailable { .. } => "MEETGATE.TOKEN_UNAVAILABLE",
             GatewayError::UpstreamUnreachable { .. } => "MEETGATE.UPSTREAM_UNREACHABLE",
             GatewayError::UpstreamTimeout { .. } => "MEETGATE.UPSTREAM_TIMEOUT",
+            GatewayError::QuotaExceeded { .. } => "MEETGATE.QUOTA_EXCEEDED",
         }
     }
 
     /// `{"error_code", "error_msg", "request_id"}`: the upstream's shape, so the vendor's SDKs
     /// parse it. The message is this error's Display, which never holds a secret.
-    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
+    pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
         let body = serde_json::json!({
             "error_code": self.code(),
             "error_msg": self.to_string(),
@@ -96,6 +105,12 @@ impl GatewayError {
         );
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(crate::headers::X_REQUEST_ID, v);
+        }
+        if let GatewayError::QuotaExceeded { retry_after } = &self {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after)),
+            );
         }
         resp
     }
@@ -112,7 +127,7 @@ mod tests {
             phase: Phase::ResponseHeaders,
             after: Duration::from_secs(30),
         };
-        let resp = e.into_response("rid-1");
+        let resp = e.to_response("rid-1");
         assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).expect("json");

@@ -10,6 +10,7 @@ pub mod error;
 pub mod headers;
 pub mod operations;
 pub mod proxy;
+pub mod quota;
 pub mod server;
 pub mod simulator;
 pub mod telemetry;

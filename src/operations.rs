@@ -16,6 +16,11 @@ impl OperationId {
     pub fn index(self) -> usize {
         usize::from(self.0)
     }
+
+    #[cfg(test)]
+    pub(crate) fn from_index(i: usize) -> OperationId {
+        OperationId(i as u16)
+    }
 }
 
 /// How the gateway treats an operation beyond forwarding it.

@@ -6,16 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
 use crate::config::{AppConfig, Config};
-use crate::error::GatewayError;
+use crate::error::{retry_after_secs, GatewayError};
 use crate::headers::{self, X_ACCESS_TOKEN, X_MEETGATE_APP, X_REQUEST_ID};
 use crate::operations::{ClassifyError, OperationKind, OperationTable};
+use crate::quota::{Admission, BucketKey, QuotaManager};
 use crate::token::{Slot, TokenCache, UpstreamAuthenticator};
 use crate::upstream::{read_body, Upstream, UpstreamBuildError};
 
@@ -26,6 +27,8 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 const TOKEN_INVALID_CODE: &str = "USG.000000004";
 /// An upstream 401 body larger than this is not an error body worth parsing.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
+/// Replays after upstream 429s, within the request's `max_wait`.
+const MAX_QUOTA_REPLAYS: u32 = 3;
 /// Longest client `X-Request-ID` kept as is; longer ones are replaced by a generated id.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
@@ -40,6 +43,7 @@ pub struct Gateway {
     ops: &'static OperationTable,
     upstream: Upstream,
     tokens: TokenCache,
+    quota: Arc<QuotaManager>,
     apps: Vec<AppEntry>,
 }
 
@@ -54,8 +58,10 @@ struct RequestCtx {
     app: Option<Arc<AppConfig>>,
     user: Option<Arc<str>>,
     token_wait: Duration,
+    queue_wait: Duration,
     upstream_time: Duration,
-    replayed: bool,
+    replayed_401: bool,
+    upstream_429s: u32,
     /// The upstream's correlation and quota headers, in [`LOGGED_UPSTREAM_HEADERS`] order.
     upstream_headers: [Option<HeaderValue>; LOGGED_COUNT],
 }
@@ -79,10 +85,12 @@ impl Gateway {
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Gateway>, UpstreamBuildError> {
         let upstream = Upstream::new(&config.upstream)?;
+        let quota = QuotaManager::new(config.quota.clone());
         let auth = Arc::new(UpstreamAuthenticator::new(
             upstream.clone(),
             clock.clone(),
             config.token.signature_lifetime,
+            quota.clone(),
         ));
         let tokens = TokenCache::new(auth, clock, config.token.clone(), true);
         let apps = config
@@ -99,12 +107,17 @@ impl Gateway {
             ops: OperationTable::global(),
             upstream,
             tokens,
+            quota,
             apps,
         }))
     }
 
     pub fn tokens(&self) -> &TokenCache {
         &self.tokens
+    }
+
+    pub fn quota(&self) -> &Arc<QuotaManager> {
+        &self.quota
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -137,8 +150,10 @@ impl Gateway {
             app: None,
             user: None,
             token_wait: Duration::ZERO,
+            queue_wait: Duration::ZERO,
             upstream_time: Duration::ZERO,
-            replayed: false,
+            replayed_401: false,
+            upstream_429s: 0,
             upstream_headers: Default::default(),
         };
         let (resp, error) = match self.handle_inner(req, &mut ctx).await {
@@ -147,7 +162,7 @@ impl Gateway {
                 let code = e.code();
                 let msg = e.to_string();
                 let resp = e
-                    .into_response(ctx.request_id.to_str().unwrap_or("-"))
+                    .to_response(ctx.request_id.to_str().unwrap_or("-"))
                     .map(Either::Right);
                 (resp, Some((code, msg)))
             }
@@ -195,13 +210,11 @@ impl Gateway {
         let slot = entry.default_slot.clone();
         ctx.app = Some(entry.app.clone());
         ctx.user = Some(slot.key.user.clone());
+        let bucket_key = self.quota.key(op_id, &slot.key.app, &slot.key.user);
+        let deadline = ctx.start + self.config.quota.max_wait;
 
         let body = body::prepare(body, self.config.limits.replay_body_bytes).await?;
         let replay_body = body.replayable();
-
-        let waited = Instant::now();
-        let mut token = self.tokens.get(&slot).await?;
-        ctx.token_wait = waited.elapsed();
 
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = self.upstream.uri(path_and_query)?;
@@ -211,7 +224,15 @@ impl Gateway {
         let replay_headers = replay_body.as_ref().map(|_| parts.headers.clone());
 
         let mut next = Some((parts.headers, body));
+        let mut attempts = 0;
         loop {
+            attempts += 1;
+            let admission = self.admit(&bucket_key, deadline, ctx).await?;
+
+            let waited = Instant::now();
+            let token = self.tokens.get(&slot).await?;
+            ctx.token_wait += waited.elapsed();
+
             let (mut headers, body) = match next.take() {
                 Some(first) => first,
                 None => match (&replay_headers, &replay_body) {
@@ -234,27 +255,78 @@ impl Gateway {
             let result = self.upstream.send(req).await;
             ctx.upstream_time += sent.elapsed();
             let resp = result?;
+            if let Some(a) = &admission {
+                self.quota.observe(a, resp.headers());
+            }
+            drop(admission);
 
-            if resp.status() != StatusCode::UNAUTHORIZED {
+            let status = resp.status();
+            if status != StatusCode::UNAUTHORIZED && status != StatusCode::TOO_MANY_REQUESTS {
                 return Ok(self.finish(resp.map(Either::Left), ctx));
             }
-            // A 401 may mean our token died early (revoked, evicted): read the small error
-            // body to tell, and if so, sign in once and replay when the body allows it.
-            let (rparts, rbody) = resp.into_parts();
+            // Both mean the upstream did not process the request: read the small error body
+            // to be sure, then replay when the body allows it.
+            let (mut rparts, rbody) = resp.into_parts();
             let bytes = read_body(rbody, ERROR_BODY_LIMIT, self.upstream.request_timeout()).await?;
-            let token_refused = is_token_invalid(&bytes);
-            if token_refused {
-                self.tokens.invalidate(&slot, token.generation);
-            }
-            if token_refused && !ctx.replayed && replay_body.is_some() {
-                ctx.replayed = true;
-                let waited = Instant::now();
-                token = self.tokens.get(&slot).await?;
-                ctx.token_wait += waited.elapsed();
-                continue;
+            let replayable = replay_body.is_some();
+            if status == StatusCode::UNAUTHORIZED {
+                if error_code(&bytes) == Some(TOKEN_INVALID_CODE) {
+                    self.tokens.invalidate(&slot, token.generation);
+                    if replayable && !ctx.replayed_401 {
+                        ctx.replayed_401 = true;
+                        continue;
+                    }
+                }
+            } else {
+                ctx.upstream_429s += 1;
+                let retry_after = rparts
+                    .headers
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let hold = match self.quota.find(&bucket_key) {
+                    Some(bucket) => self.quota.hold(&bucket, retry_after),
+                    None => retry_after.unwrap_or(Duration::from_secs(1)),
+                };
+                tracing::warn!(
+                    operation = ctx.operation,
+                    error_code = error_code(&bytes).unwrap_or("-"),
+                    hold_ms = hold.as_millis() as u64,
+                    "Upstream refused a request for quota"
+                );
+                if replayable && attempts <= MAX_QUOTA_REPLAYS && Instant::now() + hold < deadline {
+                    continue;
+                }
+                rparts
+                    .headers
+                    .entry(header::RETRY_AFTER)
+                    .or_insert_with(|| HeaderValue::from(retry_after_secs(hold)));
             }
             let resp = Response::from_parts(rparts, Either::Right(Full::new(bytes)));
             return Ok(self.finish(resp, ctx));
+        }
+    }
+
+    /// Waits for a quota slot for the bucket, unless quotas are off.
+    async fn admit(
+        &self,
+        key: &BucketKey,
+        deadline: Instant,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Admission>, GatewayError> {
+        if !self.quota.enabled() {
+            self.quota.note_disabled();
+            return Ok(None);
+        }
+        match self.quota.acquire(key.clone(), deadline).await {
+            Ok(a) => {
+                ctx.queue_wait += a.waited;
+                Ok(Some(a))
+            }
+            Err(refused) => Err(GatewayError::QuotaExceeded {
+                retry_after: refused.retry_after,
+            }),
         }
     }
 
@@ -297,15 +369,16 @@ fn unreachable_replay() -> Result<(HeaderMap, ProxyBody), GatewayError> {
     Err(GatewayError::BadRequest("request cannot be replayed"))
 }
 
-/// Whether an upstream 401 body carries the invalid-token code.
-fn is_token_invalid(body: &[u8]) -> bool {
+/// The `error_code` of an upstream error body, when it has one.
+fn error_code(body: &[u8]) -> Option<&str> {
     #[derive(serde::Deserialize)]
     struct ErrorBody<'a> {
         #[serde(borrow)]
         error_code: Option<&'a str>,
     }
     serde_json::from_slice::<ErrorBody<'_>>(body)
-        .is_ok_and(|b| b.error_code == Some(TOKEN_INVALID_CODE))
+        .ok()
+        .and_then(|b| b.error_code)
 }
 
 /// The client's `X-Request-ID` when it is a sane token, else a fresh UUID.
@@ -347,6 +420,7 @@ fn access_log(ctx: &RequestCtx, status: StatusCode, error: Option<&(&'static str
         app = ctx.app.as_ref().map_or("-", |a| a.name.as_str()),
         user = ctx.user.as_deref().unwrap_or("-"),
         total_ms = ms(ctx.start.elapsed()),
+        queue_wait_ms = ms(ctx.queue_wait),
         token_wait_ms = ms(ctx.token_wait),
         upstream_ms = ms(ctx.upstream_time),
         request_id = ctx.request_id.to_str().unwrap_or("-"),
@@ -356,7 +430,8 @@ fn access_log(ctx: &RequestCtx, status: StatusCode, error: Option<&(&'static str
         envoy_upstream_service_time = up(3),
         ratelimit_api = up(4),
         ratelimit_allenv = up(5),
-        replayed = ctx.replayed,
+        replayed = ctx.replayed_401 || ctx.upstream_429s > 0,
+        upstream_429s = ctx.upstream_429s,
         error_code = error.map_or("-", |e| e.0),
         error = error.map_or("-", |e| e.1.as_str()),
         "request"
@@ -380,10 +455,14 @@ mod tests {
 
     #[test]
     fn token_code_detection() {
-        assert!(is_token_invalid(
-            br#"{"error_code":"USG.000000004","error_msg":"x"}"#
-        ));
-        assert!(!is_token_invalid(br#"{"error_code":"USG.000000005"}"#));
-        assert!(!is_token_invalid(b"not json USG.000000004"));
+        assert_eq!(
+            error_code(br#"{"error_code":"USG.000000004","error_msg":"x"}"#),
+            Some(TOKEN_INVALID_CODE)
+        );
+        assert_eq!(
+            error_code(br#"{"error_code":"USG.000000005"}"#),
+            Some("USG.000000005")
+        );
+        assert_eq!(error_code(b"not json USG.000000004"), None);
     }
 }

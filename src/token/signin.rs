@@ -1,7 +1,7 @@
 //! App ID sign-in against the upstream (`POST /v2/usg/acs/auth/appauth`, meeting-api.md §2.1).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Method, Request};
 use secrecy::{ExposeSecret, SecretString};
@@ -12,6 +12,9 @@ use super::sign::{authorization_header, SignInput};
 use crate::body::ProxyBody;
 use crate::clock::Clock;
 use crate::config::AppConfig;
+use crate::error::retry_after_secs;
+use crate::operations::{OperationId, OperationTable};
+use crate::quota::{BucketKey, QuotaManager};
 use crate::upstream::{read_body, Upstream};
 
 pub const APPAUTH_PATH: &str = "/v2/usg/acs/auth/appauth";
@@ -55,18 +58,45 @@ pub struct UpstreamAuthenticator {
     upstream: Upstream,
     clock: Arc<dyn Clock>,
     signature_lifetime: Duration,
+    quota: Arc<QuotaManager>,
+    op: Option<OperationId>,
 }
 
 impl UpstreamAuthenticator {
-    pub fn new(upstream: Upstream, clock: Arc<dyn Clock>, signature_lifetime: Duration) -> Self {
+    pub fn new(
+        upstream: Upstream,
+        clock: Arc<dyn Clock>,
+        signature_lifetime: Duration,
+        quota: Arc<QuotaManager>,
+    ) -> Self {
         UpstreamAuthenticator {
             upstream,
             clock,
             signature_lifetime,
+            quota,
+            op: OperationTable::global().by_name("create_app_id_token"),
         }
     }
 
     async fn appauth(&self, app: &AppConfig, user: &str) -> Result<Grant, SignInError> {
+        // Sign-in has its own bucket per app, so a refresh storm spends only sign-in quota.
+        let _admission = match (self.quota.enabled(), self.op) {
+            (true, Some(op)) => {
+                let key = BucketKey {
+                    op,
+                    app: Some(Arc::from(app.name.as_str())),
+                    user: None,
+                };
+                let deadline = Instant::now() + self.quota.config().max_wait;
+                Some(self.quota.acquire(key, deadline).await.map_err(|r| {
+                    SignInError::BadResponse(format!(
+                        "sign-in quota spent, next slot in {}s",
+                        retry_after_secs(r.retry_after)
+                    ))
+                })?)
+            }
+            _ => None,
+        };
         let now_s = self.clock.now_secs();
         let expire_time = now_s + self.signature_lifetime.as_secs();
         let nonce = nonce();

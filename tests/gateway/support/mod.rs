@@ -62,7 +62,13 @@ pub struct GatewayOptions {
     pub apps: Option<String>,
     /// Extra `[upstream]` keys.
     pub upstream: String,
+    /// The `[quota]` section; by default limits so high they never bind.
+    pub quota: String,
 }
+
+/// Quota settings that never bind, for tests about something else.
+pub const NO_BINDING_QUOTA: &str =
+    "[quota]\nper_api_per_minute = 1000000\nall_env_per_second = 1000000\nburst = 10000\n";
 
 impl Default for GatewayOptions {
     fn default() -> Self {
@@ -71,6 +77,7 @@ impl Default for GatewayOptions {
             trust_sim: true,
             apps: None,
             upstream: String::new(),
+            quota: NO_BINDING_QUOTA.to_owned(),
         }
     }
 }
@@ -101,8 +108,8 @@ pub fn gateway_config(
     let toml = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
          [upstream]\nurl = \"{sim_url}\"\n{ca_line}connect_timeout = \"2s\"\nrequest_timeout = \"5s\"\n{}\n\
-         [token]\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\n{}\n{apps}",
-        opts.upstream, opts.extra
+         [token]\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\n{}\n{}\n{apps}",
+        opts.upstream, opts.quota, opts.extra
     );
     let path = dir.join("meetgate.toml");
     std::fs::write(&path, &toml).expect("write config");

@@ -1,0 +1,890 @@
+//! Upstream quotas: window-safe governor limits per bucket, FIFO pacing bounded by `max_wait`,
+//! synchronisation with the upstream's `X-APIG-Ratelimit-*` counters, and holds after a 429.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock as GovernorClock, DefaultClock};
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
+use governor::nanos::Nanos;
+use governor::state::{NotKeyed, StateStore};
+use governor::{Quota, RateLimiter};
+use http::HeaderMap;
+
+use crate::config::{QuotaConfig, QuotaMode, QuotaScope};
+use crate::headers::{X_APIG_RATELIMIT_ALLENV, X_APIG_RATELIMIT_API};
+use crate::operations::OperationId;
+
+/// Which of an operation's upstream limits a limiter mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// Per API per minute (`X-APIG-Ratelimit-Api`).
+    PerApi,
+    /// Per API across all environments per second (`X-APIG-Ratelimit-Api-Allenv`).
+    AllEnv,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::PerApi => "per_api",
+            LimitKind::AllEnv => "all_env",
+        }
+    }
+}
+
+/// One limit: at most `limit` requests in any window of `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitSpec {
+    pub kind: LimitKind,
+    pub limit: NonZeroU32,
+    pub window: Duration,
+}
+
+/// GCRA parameters: `burst` at once, then one per `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcraParams {
+    pub burst: NonZeroU32,
+    pub interval: Duration,
+}
+
+/// Derives GCRA parameters so that no window of length `window + margin`, at any alignment,
+/// admits more than `limit`. Governor admits at most `b + ceil(W/T) - 1` in a half-open window
+/// of length W (`b + floor(W/T)` in a closed one); choosing `T` a nanosecond above
+/// `(W + d) / (N - b + 1)` keeps `(W + d) / T` strictly below `N - b + 1`, which bounds both.
+pub fn derive(
+    limit: NonZeroU32,
+    window: Duration,
+    margin: Duration,
+    burst: NonZeroU32,
+) -> Result<GcraParams, String> {
+    let (n, b) = (limit.get(), burst.get());
+    if b >= n {
+        return Err(format!(
+            "burst {b} must be below the limit {n}: with a burst as large as the limit no steady rate is left"
+        ));
+    }
+    let span = (window + margin).as_nanos();
+    let slots = u128::from(n - b + 1);
+    let interval_ns = span / slots + 1;
+    let interval =
+        Duration::from_nanos(u64::try_from(interval_ns).map_err(|_| "window too long".to_owned())?);
+    Ok(GcraParams { burst, interval })
+}
+
+/// Governor state that can be rolled back: a request refused by a later limiter must not keep
+/// the slot an earlier one gave it. Only touched under the bucket's gate.
+#[derive(Clone, Default)]
+struct RollbackCell(Arc<AtomicU64>);
+
+impl StateStore for RollbackCell {
+    type Key = NotKeyed;
+
+    fn measure_and_replace<T, F, E>(&self, _key: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let prev = self.0.load(Ordering::Acquire);
+        let (result, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
+        self.0.store(next.as_u64(), Ordering::Release);
+        Ok(result)
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, RollbackCell, DefaultClock, StateInformationMiddleware>;
+
+/// Counters the upstream reported: at most `remain` more until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    remain: u64,
+    until: Instant,
+}
+
+struct Limit {
+    spec: LimitSpec,
+    params: GcraParams,
+    limiter: Limiter,
+    cell: RollbackCell,
+    /// Our own admissions inside the last window: what we expect the upstream to have counted.
+    recent: VecDeque<Instant>,
+    budget: Option<Budget>,
+    /// Burst capacity left after the last admission, and when: to estimate a queue's wait.
+    spare: u32,
+    spare_at: Instant,
+}
+
+impl Limit {
+    fn new(spec: LimitSpec, params: GcraParams, clock: &DefaultClock, drained: bool) -> Limit {
+        let cell = RollbackCell::default();
+        let quota = Quota::with_period(params.interval)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(params.burst);
+        let limiter: Limiter =
+            RateLimiter::<NotKeyed, RollbackCell, DefaultClock, NoOpMiddleware<_>>::new(
+                quota,
+                cell.clone(),
+                clock.clone(),
+            )
+            .with_middleware::<StateInformationMiddleware>();
+        let mut spare = params.burst.get();
+        if drained {
+            // A rebuilt limiter starts with its burst spent: a change never grants a fresh burst.
+            for _ in 0..params.burst.get() {
+                if limiter.check().is_err() {
+                    break;
+                }
+            }
+            spare = 0;
+        }
+        Limit {
+            spec,
+            params,
+            limiter,
+            cell,
+            recent: VecDeque::new(),
+            budget: None,
+            spare,
+            spare_at: Instant::now(),
+        }
+    }
+
+    /// Slots available at `now`, from the capacity left at the last admission plus what has
+    /// been replenished since.
+    fn available(&self, now: Instant) -> u64 {
+        let refilled =
+            now.duration_since(self.spare_at).as_nanos() / self.params.interval.as_nanos().max(1);
+        (u64::from(self.spare) + refilled as u64).min(u64::from(self.params.burst.get()))
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.spec.window)
+        {
+            self.recent.pop_front();
+        }
+    }
+}
+
+/// The mutable part of a bucket, touched only by the request at the head of its queue.
+struct BucketState {
+    limits: Vec<Limit>,
+    hold_until: Option<Instant>,
+}
+
+/// One bucket: the limits of one operation for one scope key (app, user or the gateway).
+pub struct Bucket {
+    op: OperationId,
+    // FIFO: tokio's mutex queues waiters in arrival order, which is the pacing order.
+    gate: tokio::sync::Mutex<()>,
+    state: Mutex<BucketState>,
+    waiting: AtomicUsize,
+    in_flight: AtomicUsize,
+    last_used: Mutex<Instant>,
+    /// Largest emission interval: the spacing between two paced requests at worst.
+    slowest: Duration,
+}
+
+impl Bucket {
+    pub fn operation(&self) -> OperationId {
+        self.op
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Our view of what is left right now, per limit: (kind, burst slots available now).
+    pub fn remaining(&self) -> Vec<(LimitKind, u32)> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        state
+            .limits
+            .iter()
+            .map(|l| {
+                let used = l
+                    .recent
+                    .iter()
+                    .filter(|t| now.duration_since(**t) < l.spec.window)
+                    .count();
+                (l.spec.kind, l.spec.limit.get().saturating_sub(used as u32))
+            })
+            .collect()
+    }
+
+    /// Tries every limit, short window first; on refusal rolls back what earlier limits gave
+    /// and returns how long until a slot could be free.
+    fn try_admit(&self, now: Instant) -> Result<(), Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hold) = state.hold_until {
+            if now < hold {
+                return Err(hold - now);
+            }
+            state.hold_until = None;
+        }
+        for limit in &mut state.limits {
+            if let Some(b) = limit.budget {
+                if now >= b.until {
+                    limit.budget = None;
+                } else if b.remain == 0 {
+                    return Err(b.until - now);
+                }
+            }
+        }
+        let mut taken: [(u64, u32); 2] = [(0, 0); 2];
+        for i in 0..state.limits.len() {
+            let limit = &state.limits[i];
+            let prev = limit.cell.0.load(Ordering::Acquire);
+            match limit.limiter.check() {
+                Ok(snapshot) => {
+                    if let Some(slot) = taken.get_mut(i) {
+                        *slot = (prev, snapshot.remaining_burst_capacity());
+                    }
+                }
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    for (j, (prev, _)) in taken.iter().enumerate().take(i) {
+                        state.limits[j].cell.0.store(*prev, Ordering::Release);
+                    }
+                    return Err(wait.max(Duration::from_millis(1)));
+                }
+            }
+        }
+        for (limit, (_, spare)) in state.limits.iter_mut().zip(taken) {
+            limit.prune(now);
+            limit.recent.push_back(now);
+            limit.spare = spare;
+            limit.spare_at = now;
+            if let Some(b) = &mut limit.budget {
+                b.remain = b.remain.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// How long a request with `ahead` requests queued before it will likely wait.
+    fn estimate_wait(&self, ahead: u64, now: Instant) -> Duration {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wait = state
+            .hold_until
+            .map_or(Duration::ZERO, |h| h.saturating_duration_since(now));
+        for limit in &state.limits {
+            let short = (ahead + 1).saturating_sub(limit.available(now));
+            wait = wait.max(
+                limit
+                    .params
+                    .interval
+                    .saturating_mul(short.min(u64::from(u32::MAX)) as u32),
+            );
+        }
+        wait
+    }
+}
+
+/// A slot was granted: the request may go upstream. Dropping it marks the request finished.
+pub struct Admission {
+    bucket: Arc<Bucket>,
+    /// Time spent waiting for the slot.
+    pub waited: Duration,
+}
+
+impl Admission {
+    pub fn bucket(&self) -> &Arc<Bucket> {
+        &self.bucket
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.bucket.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a request got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// When a slot could next be free.
+    pub retry_after: Duration,
+}
+
+/// Counts a waiter for as long as it waits, including when its future is dropped.
+struct WaitGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Which bucket a request falls into.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    pub op: OperationId,
+    pub app: Option<Arc<str>>,
+    pub user: Option<Arc<str>>,
+}
+
+/// A parsed `X-APIG-Ratelimit-*` value: `remain:R,limit:L,time:1 minute`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitReport {
+    pub remain: Option<u64>,
+    pub limit: Option<u64>,
+    pub window: Option<Duration>,
+}
+
+/// Parses a rate-limit header, tolerating case, spaces, order and missing or garbage fields.
+/// Returns `None` when nothing usable is in it.
+pub fn parse_ratelimit(value: &str) -> Option<RateLimitReport> {
+    let mut report = RateLimitReport {
+        remain: None,
+        limit: None,
+        window: None,
+    };
+    for part in value.split([',', ';']) {
+        let Some((name, val)) = part.split_once([':', '=']) else {
+            continue;
+        };
+        let val = val.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "remain" => report.remain = val.parse().ok(),
+            "limit" => report.limit = val.parse().ok(),
+            "time" => report.window = parse_window(val),
+            _ => {}
+        }
+    }
+    (report.remain.is_some() || report.limit.is_some()).then_some(report)
+}
+
+fn parse_window(text: &str) -> Option<Duration> {
+    let text = text.trim().to_ascii_lowercase();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = if num.is_empty() { 1 } else { num.parse().ok()? };
+    let unit = unit.trim().trim_end_matches('s');
+    let secs = match unit {
+        "m" => return Some(Duration::from_millis(n)),
+        "second" | "sec" | "" => 1,
+        "minute" | "min" => 60,
+        "hour" | "h" => 3600,
+        "day" | "d" => 86_400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n.checked_mul(secs)?))
+}
+
+/// All buckets and the settings they are built from.
+pub struct QuotaManager {
+    cfg: QuotaConfig,
+    clock: DefaultClock,
+    buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
+    /// One warning per operation when the upstream reports a lower limit than configured.
+    warned: Mutex<HashMap<(OperationId, &'static str), ()>>,
+    pub upstream_429s: AtomicU64,
+    disabled_warned: AtomicBool,
+}
+
+impl QuotaManager {
+    pub fn new(cfg: QuotaConfig) -> Arc<QuotaManager> {
+        let mgr = Arc::new(QuotaManager {
+            cfg,
+            clock: DefaultClock::default(),
+            buckets: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashMap::new()),
+            upstream_429s: AtomicU64::new(0),
+            disabled_warned: AtomicBool::new(false),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(evict_idle(Arc::downgrade(&mgr)));
+        }
+        mgr
+    }
+
+    pub fn config(&self) -> &QuotaConfig {
+        &self.cfg
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    /// The bucket key for a request acting as (app, user) on `op`, per the configured scope.
+    pub fn key(&self, op: OperationId, app: &Arc<str>, user: &Arc<str>) -> BucketKey {
+        match self.cfg.scope {
+            QuotaScope::Gateway => BucketKey {
+                op,
+                app: None,
+                user: None,
+            },
+            QuotaScope::App => BucketKey {
+                op,
+                app: Some(app.clone()),
+                user: None,
+            },
+            QuotaScope::User => BucketKey {
+                op,
+                app: Some(app.clone()),
+                user: Some(user.clone()),
+            },
+        }
+    }
+
+    fn bucket(&self, key: BucketKey) -> Arc<Bucket> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = buckets.get(&key) {
+            return b.clone();
+        }
+        let op = key.op;
+        let limits = self
+            .cfg
+            .limits_for(op)
+            .into_iter()
+            .map(|(spec, params)| Limit::new(spec, params, &self.clock, false))
+            .collect::<Vec<_>>();
+        let slowest = limits
+            .iter()
+            .map(|l| l.params.interval)
+            .max()
+            .unwrap_or_default();
+        let bucket = Arc::new(Bucket {
+            op,
+            gate: tokio::sync::Mutex::new(()),
+            state: Mutex::new(BucketState {
+                limits,
+                hold_until: None,
+            }),
+            waiting: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+            slowest,
+        });
+        buckets.insert(key, bucket.clone());
+        bucket
+    }
+
+    /// The bucket for `key`, if it exists.
+    pub fn find(&self, key: &BucketKey) -> Option<Arc<Bucket>> {
+        self.buckets.lock().ok().and_then(|b| b.get(key).cloned())
+    }
+
+    /// Number of live buckets (bounded by idle eviction).
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.lock().map_or(0, |b| b.len())
+    }
+
+    /// Every bucket with its operation, for metrics.
+    pub fn buckets(&self) -> Vec<(BucketKey, Arc<Bucket>)> {
+        self.buckets
+            .lock()
+            .map(|b| b.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits for a slot in every limit of `key`'s bucket, in arrival order, until `deadline`.
+    /// In `reject` mode, or when the slot is further away than the deadline, refuses at once.
+    pub async fn acquire(&self, key: BucketKey, deadline: Instant) -> Result<Admission, Refused> {
+        let bucket = self.bucket(key);
+        let start = Instant::now();
+        if let Ok(mut last) = bucket.last_used.lock() {
+            *last = start;
+        }
+        bucket.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = WaitGuard(&bucket.waiting);
+        // Estimate where this request stands: everyone ahead needs a slot first. A slot that is
+        // surely further away than the deadline is refused now rather than after the wait.
+        let ahead = bucket.waiting.load(Ordering::Relaxed).saturating_sub(1) as u64;
+        let estimate = bucket.estimate_wait(ahead, start);
+        if !estimate.is_zero()
+            && (self.cfg.mode == QuotaMode::Reject || start + estimate > deadline)
+        {
+            return Err(Refused {
+                retry_after: estimate,
+            });
+        }
+        let _turn = match tokio::time::timeout_at(deadline.into(), bucket.gate.lock()).await {
+            Ok(guard) => guard,
+            Err(_) => {
+                return Err(Refused {
+                    retry_after: bucket.estimate_wait(ahead, Instant::now()),
+                })
+            }
+        };
+        loop {
+            let now = Instant::now();
+            match bucket.try_admit(now) {
+                Ok(()) => {
+                    bucket.in_flight.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Admission {
+                        bucket: bucket.clone(),
+                        waited: now.duration_since(start),
+                    });
+                }
+                Err(wait) => {
+                    if self.cfg.mode == QuotaMode::Reject || now + wait > deadline {
+                        return Err(Refused { retry_after: wait });
+                    }
+                    // Sleeping with the gate held keeps the queue in arrival order.
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Reads the upstream's counters on a response and adjusts the bucket: a lower reported
+    /// limit replaces ours (warned once); less left than our own traffic explains means someone
+    /// else shares the quota, so the bucket may send at most what is left until the window ends.
+    pub fn observe(&self, admission: &Admission, headers: &HeaderMap) {
+        for (kind, name) in [
+            (LimitKind::PerApi, &X_APIG_RATELIMIT_API),
+            (LimitKind::AllEnv, &X_APIG_RATELIMIT_ALLENV),
+        ] {
+            let Some(report) = headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_ratelimit)
+            else {
+                continue;
+            };
+            self.apply_report(&admission.bucket, kind, report);
+        }
+    }
+
+    fn apply_report(&self, bucket: &Bucket, kind: LimitKind, report: RateLimitReport) {
+        let now = Instant::now();
+        let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(limit) = state.limits.iter_mut().find(|l| l.spec.kind == kind) else {
+            return;
+        };
+        if let Some(reported) = report
+            .limit
+            .and_then(|l| u32::try_from(l).ok())
+            .and_then(NonZeroU32::new)
+        {
+            let window = report.window.unwrap_or(limit.spec.window);
+            if reported < limit.spec.limit || window > limit.spec.window {
+                let spec = LimitSpec {
+                    kind,
+                    limit: reported.min(limit.spec.limit),
+                    window: window.max(limit.spec.window),
+                };
+                let burst = limit.params.burst.min(
+                    NonZeroU32::new(spec.limit.get().saturating_sub(1)).unwrap_or(NonZeroU32::MIN),
+                );
+                if let Ok(params) = derive(spec.limit, spec.window, self.cfg.safety_margin, burst) {
+                    self.warn_once(bucket.op, kind, limit.spec, spec);
+                    let recent = std::mem::take(&mut limit.recent);
+                    *limit = Limit::new(spec, params, &self.clock, true);
+                    limit.recent = recent;
+                }
+            }
+        }
+        let Some(remain) = report.remain else { return };
+        limit.prune(now);
+        let ours = limit.recent.len() as u64;
+        let expected = u64::from(limit.spec.limit.get()).saturating_sub(ours);
+        if remain < expected {
+            let in_flight = bucket.in_flight.load(Ordering::Relaxed) as u64;
+            let budget = Budget {
+                remain: remain.saturating_sub(in_flight.saturating_sub(1)),
+                until: now + limit.spec.window + self.cfg.safety_margin,
+            };
+            tracing::debug!(
+                kind = kind.as_str(),
+                remain,
+                expected,
+                "Upstream quota shared; limiting to what is left"
+            );
+            limit.budget = Some(match limit.budget {
+                Some(old) if old.remain < budget.remain => old,
+                _ => budget,
+            });
+        }
+    }
+
+    fn warn_once(&self, op: OperationId, kind: LimitKind, ours: LimitSpec, reported: LimitSpec) {
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.insert((op, kind.as_str()), ()).is_none() {
+            tracing::warn!(
+                operation = crate::operations::OperationTable::global().get(op).name,
+                limit = kind.as_str(),
+                configured = ours.limit.get(),
+                configured_window_ms = ours.window.as_millis() as u64,
+                reported = reported.limit.get(),
+                reported_window_ms = reported.window.as_millis() as u64,
+                "Upstream reports a lower limit than configured; using it"
+            );
+        }
+    }
+
+    /// The upstream refused a request for quota (429): nothing more goes out of this bucket
+    /// for `hold` (the upstream's `Retry-After`, else one emission interval).
+    pub fn hold(&self, bucket: &Bucket, retry_after: Option<Duration>) -> Duration {
+        self.upstream_429s.fetch_add(1, Ordering::Relaxed);
+        let hold = retry_after
+            .unwrap_or(bucket.slowest)
+            .max(Duration::from_millis(10));
+        let until = Instant::now() + hold;
+        let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.hold_until = Some(state.hold_until.map_or(until, |h| h.max(until)));
+        hold
+    }
+
+    /// Logs once that quotas are off (bench or explicit config).
+    pub fn note_disabled(&self) {
+        if !self.disabled_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "Quota enforcement is disabled: the upstream's limits are not protected"
+            );
+        }
+    }
+}
+
+/// Drops buckets idle for longer than their longest window: their limiters have fully
+/// replenished, so a fresh bucket grants nothing the old one would not have.
+async fn evict_idle(mgr: Weak<QuotaManager>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let Some(mgr) = mgr.upgrade() else { return };
+        let idle_after = mgr.cfg.longest_window() + mgr.cfg.safety_margin;
+        let now = Instant::now();
+        let mut buckets = mgr.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets.retain(|_, b| {
+            Arc::strong_count(b) > 1
+                || b.last_used
+                    .lock()
+                    .map_or(true, |t| now.duration_since(*t) < idle_after)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+    use proptest::prelude::*;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).expect("non-zero")
+    }
+
+    #[test]
+    fn derive_refuses_burst_at_or_above_the_limit() {
+        assert!(derive(nz(10), Duration::from_secs(1), Duration::ZERO, nz(10)).is_err());
+        assert!(derive(nz(10), Duration::from_secs(1), Duration::ZERO, nz(9)).is_ok());
+    }
+
+    #[test]
+    fn default_limits_admit_at_most_n_per_window() {
+        let p = derive(
+            nz(100),
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            nz(10),
+        )
+        .expect("ok");
+        // 91 intervals must not fit into 60.1 s.
+        assert!(p.interval * 91 > Duration::from_millis(60_100));
+        assert_eq!(p.burst.get(), 10);
+    }
+
+    /// Feeds arrival offsets (ns) through a governor limiter with the derived parameters on a
+    /// fake clock; returns the admitted instants.
+    fn admitted(params: GcraParams, arrivals: &[u64]) -> Vec<u64> {
+        let clock = FakeRelativeClock::default();
+        let quota = Quota::with_period(params.interval)
+            .expect("period")
+            .allow_burst(params.burst);
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone());
+        let mut now = 0;
+        let mut out = Vec::new();
+        for &t in arrivals {
+            clock.advance(Duration::from_nanos(t - now));
+            now = t;
+            if limiter.check().is_ok() {
+                out.push(t);
+            }
+        }
+        out
+    }
+
+    fn max_in_window(times: &[u64], window: u64) -> usize {
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..times.len() {
+            // Closed window [t, t + window]: the strictest reading.
+            while times[hi] - times[lo] > window {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn no_window_exceeds_the_limit(
+            n in 2u32..300,
+            window_ms in 10u64..120_000,
+            margin_ms in 0u64..500,
+            burst_frac in 0.0f64..1.0,
+            gaps in proptest::collection::vec(0u64..2_000_000_000, 1..600),
+            dense in proptest::bool::ANY,
+        ) {
+            let burst = 1 + ((n - 1) as f64 * burst_frac) as u32;
+            prop_assume!(burst < n);
+            let window = Duration::from_millis(window_ms);
+            let margin = Duration::from_millis(margin_ms);
+            let params = derive(nz(n), window, margin, nz(burst)).expect("derivable");
+            // Dense arrivals hammer the limiter; sparse ones let the burst refill.
+            let scale = if dense { window_ms.max(1) * 1_000 / 50 } else { window_ms * 1_000_000 / 20 };
+            let mut t = 0u64;
+            let arrivals: Vec<u64> = gaps.iter().map(|g| { t += g % scale.max(1); t }).collect();
+            let got = admitted(params, &arrivals);
+            let span = (window + margin).as_nanos() as u64;
+            prop_assert!(max_in_window(&got, span) <= n as usize,
+                "n={n} w={window_ms}ms d={margin_ms}ms b={burst}: {} in a window", max_in_window(&got, span));
+        }
+
+        #[test]
+        fn ratelimit_parser_never_panics(s in ".{0,80}") {
+            let _ = parse_ratelimit(&s);
+        }
+    }
+
+    #[test]
+    fn ratelimit_headers_parse_tolerantly() {
+        let r = parse_ratelimit("remain:99,limit:100,time:1 minute").expect("parses");
+        assert_eq!(r.remain, Some(99));
+        assert_eq!(r.limit, Some(100));
+        assert_eq!(r.window, Some(Duration::from_secs(60)));
+        let r = parse_ratelimit(" Remain : 5 , LIMIT:200 , Time: 1 Second ").expect("parses");
+        assert_eq!(
+            (r.remain, r.limit, r.window),
+            (Some(5), Some(200), Some(Duration::from_secs(1)))
+        );
+        let r = parse_ratelimit("remain:abc,limit:20,time:2 seconds").expect("parses");
+        assert_eq!(
+            (r.remain, r.limit, r.window),
+            (None, Some(20), Some(Duration::from_secs(2)))
+        );
+        assert_eq!(
+            parse_ratelimit("remain:3,time:500 ms").and_then(|r| r.window),
+            Some(Duration::from_millis(500))
+        );
+        assert!(parse_ratelimit("garbage").is_none());
+        assert!(parse_ratelimit("").is_none());
+    }
+
+    #[test]
+    fn rollback_keeps_the_earlier_limiters_slot() {
+        // Per minute: 3 with burst 2 (then one per ~30 s); per second: 100 with burst 2.
+        let cfg =
+            QuotaConfig::for_tests(3, Duration::from_secs(60), 100, Duration::from_secs(1), 2);
+        let mgr = QuotaManager::new(cfg);
+        let bucket = mgr.bucket(BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        });
+        assert!(bucket.try_admit(Instant::now()).is_ok());
+        assert!(bucket.try_admit(Instant::now()).is_ok());
+        let cells = || -> Vec<u64> {
+            let s = bucket.state.lock().expect("lock");
+            s.limits
+                .iter()
+                .map(|l| l.cell.0.load(Ordering::Acquire))
+                .collect()
+        };
+        // Poll until the per-second limiter has refilled and admits, so that the refusal comes
+        // from the per-minute one, which is checked second.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let before = cells();
+            match bucket.try_admit(Instant::now()) {
+                Ok(()) => panic!("the per-minute limit admitted a third request"),
+                Err(wait) if wait > Duration::from_secs(20) => {
+                    assert_eq!(before, cells(), "the per-second slot was given back");
+                    break;
+                }
+                Err(_) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "per-second limiter never refilled"
+                    );
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_shared_quota_limits_the_bucket_to_what_is_left() {
+        let cfg =
+            QuotaConfig::for_tests(50, Duration::from_secs(60), 100, Duration::from_secs(1), 10);
+        let mgr = QuotaManager::new(cfg);
+        let bucket = mgr.bucket(BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        });
+        let now = Instant::now();
+        assert!(bucket.try_admit(now).is_ok());
+        // We sent 1 of 50; the upstream says only 2 are left: someone else used 47.
+        mgr.apply_report(
+            &bucket,
+            LimitKind::PerApi,
+            RateLimitReport {
+                remain: Some(2),
+                limit: Some(50),
+                window: Some(Duration::from_secs(60)),
+            },
+        );
+        assert!(bucket.try_admit(now).is_ok());
+        assert!(bucket.try_admit(now).is_ok());
+        let wait = bucket.try_admit(now).expect_err("budget spent");
+        assert!(wait > Duration::from_secs(59));
+    }
+
+    #[test]
+    fn a_lower_reported_limit_replaces_ours_without_a_fresh_burst() {
+        let cfg = QuotaConfig::for_tests(
+            100,
+            Duration::from_secs(60),
+            200,
+            Duration::from_secs(1),
+            10,
+        );
+        let mgr = QuotaManager::new(cfg);
+        let bucket = mgr.bucket(BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        });
+        mgr.apply_report(
+            &bucket,
+            LimitKind::PerApi,
+            RateLimitReport {
+                remain: Some(20),
+                limit: Some(20),
+                window: Some(Duration::from_secs(60)),
+            },
+        );
+        let s = bucket.state.lock().expect("lock");
+        let per_api = s
+            .limits
+            .iter()
+            .find(|l| l.spec.kind == LimitKind::PerApi)
+            .expect("limit");
+        assert_eq!(per_api.spec.limit.get(), 20);
+        drop(s);
+        // The rebuilt limiter starts drained: not even one request at once.
+        assert!(bucket.try_admit(Instant::now()).is_err());
+    }
+}
