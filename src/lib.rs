@@ -32,7 +32,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), upstream::UpstreamBuildError> {
-    let gateway = Gateway::new(config.clone(), Arc::new(clock::SystemClock))?;
+    let gateway = Gateway::new(config, Arc::new(clock::SystemClock))?;
+    serve(gateway, listener, shutdown).await;
+    Ok(())
+}
+
+/// Serves an already built gateway (tests keep a handle on it to inspect its state).
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config = gateway.config().clone();
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -40,5 +51,4 @@ pub async fn run(
         tracing::info!(%addr, upstream = %config.upstream.url, "Listening");
     }
     server::serve(listener, gateway, shutdown, config.shutdown_grace).await;
-    Ok(())
 }

@@ -4,5 +4,6 @@
 mod cli;
 mod forwarding;
 mod logs;
+mod quota;
 mod support;
 mod tokens;

@@ -46,6 +46,7 @@ pub async fn default_sim() -> SimHandle {
 
 pub struct TestGateway {
     pub addr: SocketAddr,
+    pub gateway: Arc<meetgate::Gateway>,
     pub client: HttpClient,
     pub dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
@@ -126,15 +127,18 @@ pub async fn spawn_with_config(config: meetgate::Config, dir: tempfile::TempDir)
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = oneshot::channel::<()>();
+    let gateway = meetgate::Gateway::new(Arc::new(config), Arc::new(meetgate::clock::SystemClock))
+        .expect("gateway builds");
+    let served = gateway.clone();
     let task = tokio::spawn(async move {
-        meetgate::run(Arc::new(config), listener, async {
+        meetgate::serve(served, listener, async {
             let _ = rx.await;
         })
-        .await
-        .expect("gateway runs");
+        .await;
     });
     TestGateway {
         addr,
+        gateway,
         client: Client::builder(TokioExecutor::new()).build_http(),
         dir,
         shutdown: Some(tx),
@@ -246,6 +250,42 @@ pub fn received(sim: &SimHandle, path: &str) -> Vec<simulator::RecordedRequest> 
         .into_iter()
         .filter(|r| r.path_and_query.split('?').next() == Some(path))
         .collect()
+}
+
+pub type TlsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// A client that talks to the simulator directly, trusting its CA: "another consumer".
+pub fn sim_client(sim: &SimHandle) -> TlsClient {
+    use rustls_pki_types::pem::PemObject;
+    let roots = rustls_pki_types::CertificateDer::pem_slice_iter(sim.ca_pem().as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("CA PEM");
+    let mut tls = meetgate::upstream::tls_config(&roots).expect("tls config");
+    tls.alpn_protocols.clear();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// Runs `n` copies of `f` concurrently and collects their results in order.
+pub async fn concurrently<F, Fut, T>(n: usize, f: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(f(i))).collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
 }
 
 pub fn header<'a>(r: &'a simulator::RecordedRequest, name: &str) -> Option<&'a str> {
