@@ -159,11 +159,15 @@ impl Limit {
         (u64::from(self.spare) + refilled as u64).min(u64::from(self.params.burst.get()))
     }
 
-    fn prune(&mut self, now: Instant) {
+    /// Keeps our admissions of the last `window + margin`: a request we admitted just over a
+    /// window ago may have reached the upstream just under one, and must still count as ours
+    /// or the upstream's counters would look like someone else's traffic.
+    fn prune(&mut self, now: Instant, margin: Duration) {
+        let horizon = self.spec.window + margin;
         while self
             .recent
             .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.spec.window)
+            .is_some_and(|t| now.duration_since(*t) >= horizon)
         {
             self.recent.pop_front();
         }
@@ -187,6 +191,7 @@ pub struct Bucket {
     last_used: Mutex<Instant>,
     /// Largest emission interval: the spacing between two paced requests at worst.
     slowest: Duration,
+    margin: Duration,
 }
 
 impl Bucket {
@@ -255,7 +260,7 @@ impl Bucket {
             }
         }
         for (limit, (_, spare)) in state.limits.iter_mut().zip(taken) {
-            limit.prune(now);
+            limit.prune(now, self.margin);
             limit.recent.push_back(now);
             limit.spare = spare;
             limit.spare_at = now;
@@ -462,6 +467,7 @@ impl QuotaManager {
             in_flight: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
             slowest,
+            margin: self.cfg.safety_margin,
         });
         buckets.insert(key, bucket.clone());
         bucket
@@ -584,7 +590,7 @@ impl QuotaManager {
             }
         }
         let Some(remain) = report.remain else { return };
-        limit.prune(now);
+        limit.prune(now, self.cfg.safety_margin);
         let ours = limit.recent.len() as u64;
         let expected = u64::from(limit.spec.limit.get()).saturating_sub(ours);
         if remain < expected {
@@ -850,6 +856,40 @@ mod tests {
         assert!(bucket.try_admit(now).is_ok());
         let wait = bucket.try_admit(now).expect_err("budget spent");
         assert!(wait > Duration::from_secs(59));
+    }
+
+    #[test]
+    fn our_own_requests_at_the_window_edge_do_not_look_like_a_shared_quota() {
+        let cfg =
+            QuotaConfig::for_tests(50, Duration::from_secs(60), 100, Duration::from_secs(1), 10);
+        let mgr = QuotaManager::new(cfg);
+        let bucket = mgr.bucket(BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        });
+        assert!(bucket.try_admit(Instant::now()).is_ok());
+        // Admitted just over a window ago here, but the upstream counted it just under one.
+        {
+            let mut s = bucket.state.lock().expect("lock");
+            for l in &mut s.limits {
+                l.recent[0] = Instant::now() - l.spec.window - Duration::from_millis(50);
+            }
+        }
+        mgr.apply_report(
+            &bucket,
+            LimitKind::PerApi,
+            RateLimitReport {
+                remain: Some(49),
+                limit: Some(50),
+                window: Some(Duration::from_secs(60)),
+            },
+        );
+        let s = bucket.state.lock().expect("lock");
+        assert!(
+            s.limits.iter().all(|l| l.budget.is_none()),
+            "no budget imposed"
+        );
     }
 
     #[test]
