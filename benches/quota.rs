@@ -66,7 +66,7 @@ async fn gateway(
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let _ = meetgate::run(Arc::new(config), listener, async {
+        let _ = meetgate::run(Arc::new(config), listener, None, async {
             let _ = rx.await;
         })
         .await;

@@ -28,6 +28,7 @@ struct RawConfig {
     listen: Option<String>,
     admin_listen: Option<String>,
     shutdown_grace: Option<String>,
+    reload_interval: Option<String>,
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
@@ -132,6 +133,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
+    /// How often the config file and the files it names are checked for changes.
+    pub reload_interval: Duration,
     pub upstream: UpstreamConfig,
     pub token: TokenConfig,
     pub limits: LimitsConfig,
@@ -194,7 +197,7 @@ pub enum QuotaScope {
 }
 
 /// Quota settings with every operation's limits resolved and their GCRA parameters derived.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuotaConfig {
     pub enabled: bool,
     pub mode: QuotaMode,
@@ -446,6 +449,7 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         );
     }
     let shutdown_grace = c.duration("shutdown_grace", raw.shutdown_grace.as_deref(), "10s");
+    let reload_interval = c.duration("reload_interval", raw.reload_interval.as_deref(), "5s");
 
     let upstream = validate_upstream(&mut c, raw.upstream);
 
@@ -522,6 +526,7 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         listen,
         admin_listen,
         shutdown_grace,
+        reload_interval,
         upstream,
         token,
         limits,
@@ -877,6 +882,7 @@ struct Printed<'a> {
     listen: String,
     admin_listen: String,
     shutdown_grace: String,
+    reload_interval: String,
     upstream: PrintedUpstream,
     token: PrintedToken,
     limits: PrintedLimits,
@@ -973,6 +979,7 @@ impl Config {
             listen: self.listen.to_string(),
             admin_listen: self.admin_listen.to_string(),
             shutdown_grace: dur(self.shutdown_grace),
+            reload_interval: dur(self.reload_interval),
             upstream: PrintedUpstream {
                 url: u.url.to_string().trim_end_matches('/').to_owned(),
                 ca_file: u.ca_file.as_ref().map(|p| p.display().to_string()),

@@ -26,7 +26,7 @@ pub enum DemoError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Start(#[from] crate::upstream::UpstreamBuildError),
+    Start(#[from] crate::StartError),
 }
 
 /// The curl line the demo prints, for a gateway on `addr`.
@@ -52,6 +52,7 @@ pub async fn run(
     let toml = format!(
         r#"
 listen = "{listen}"
+admin_listen = "127.0.0.1:0"
 [upstream]
 url = "{url}"
 [[apps]]
@@ -80,7 +81,7 @@ app_key = "{app_key}"
     })?;
     println!("meetgate demo: gateway http://{addr} -> simulator {} (generated app {app_id}, its key stays in this process)", sim.url());
     println!("Try:\n  {}\n", curl_line(addr));
-    crate::run(Arc::new(config), listener, shutdown).await?;
+    crate::run(Arc::new(config), listener, None, shutdown).await?;
     sim.shutdown().await;
     Ok(())
 }

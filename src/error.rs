@@ -49,6 +49,8 @@ pub enum GatewayError {
     ClientBody,
     #[error("upstream quota for this operation is spent; retry after {}s", retry_after_secs(*.retry_after))]
     QuotaExceeded { retry_after: Duration },
+    #[error("the gateway is shutting down; retry on another instance")]
+    ShuttingDown,
 }
 
 /// `Retry-After` in whole seconds, rounded up, at least 1.
@@ -69,6 +71,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -85,6 +88,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable { .. } => "MEETGATE.UPSTREAM_UNREACHABLE",
             GatewayError::UpstreamTimeout { .. } => "MEETGATE.UPSTREAM_TIMEOUT",
             GatewayError::QuotaExceeded { .. } => "MEETGATE.QUOTA_EXCEEDED",
+            GatewayError::ShuttingDown => "MEETGATE.SHUTTING_DOWN",
         }
     }
 

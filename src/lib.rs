@@ -2,15 +2,18 @@
 //!
 //! The request path is one module per step; [`run`] is the seam tests and `main` share.
 
+pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod operations;
 pub mod proxy;
 pub mod quota;
+pub mod reload;
 pub mod server;
 pub mod simulator;
 pub mod telemetry;
@@ -25,30 +28,78 @@ use tokio::net::TcpListener;
 pub use config::Config;
 pub use proxy::Gateway;
 
-/// Runs the gateway on an already bound listener until `shutdown` resolves, then drains.
-/// Returns the gateway's state so callers (tests) can inspect it, or a start-up error.
+/// Runs the gateway on an already bound proxy listener, with the admin listener bound from
+/// `config.admin_listen`, until `shutdown` resolves; then drains.
 pub async fn run(
     config: Arc<Config>,
     listener: TcpListener,
+    reload: Option<reload::ConfigSource>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), upstream::UpstreamBuildError> {
+) -> Result<(), StartError> {
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "admin_listen",
+            addr: config.admin_listen,
+            source,
+        })?;
     let gateway = Gateway::new(config, Arc::new(clock::SystemClock))?;
-    serve(gateway, listener, shutdown).await;
+    let (stop_reload, reload_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(source) = reload {
+        tokio::spawn(reload::watch(gateway.clone(), source, async {
+            let _ = reload_stopped.await;
+        }));
+    }
+    serve(gateway, listener, Some(admin), shutdown).await;
+    let _ = stop_reload.send(());
     Ok(())
 }
 
-/// Serves an already built gateway (tests keep a handle on it to inspect its state).
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamBuildError),
+}
+
+/// Serves an already built gateway (tests keep a handle on it to inspect its state). On
+/// shutdown, requests waiting for quota are refused, in-flight ones get `shutdown_grace`.
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let config = gateway.config().clone();
+    let config = gateway.config();
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, upstream = %config.upstream.url, "Listening");
     }
-    server::serve(listener, gateway, shutdown, config.shutdown_grace).await;
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(admin) = admin {
+        if let Ok(addr) = admin.local_addr() {
+            tracing::info!(%addr, "Admin listening");
+        }
+        tokio::spawn(admin::serve(admin, gateway.clone(), async {
+            let _ = admin_stopped.await;
+        }));
+    }
+    let gw = gateway.clone();
+    let shutdown = async move {
+        shutdown.await;
+        gw.begin_shutdown();
+    };
+    let drained = server::serve(listener, gateway, shutdown, config.shutdown_grace).await;
+    let _ = admin_stop.send(());
+    if drained {
+        tracing::info!("Drained; exiting");
+    }
 }

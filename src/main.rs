@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use meetgate::config::{self, LogConfig, LogFormat};
+use meetgate::reload::ConfigSource;
 use meetgate::{server, simulator, telemetry};
 
 /// EX_USAGE from sysexits.h: the configuration or the command line is wrong.
@@ -42,6 +43,16 @@ enum Command {
     },
     /// Run the Meeting API simulator alone.
     Simulate(simulator::SimulateArgs),
+}
+
+/// The first SIGTERM or Ctrl-C starts a graceful shutdown; a second one exits at once.
+async fn shutdown() {
+    server::shutdown_signal().await;
+    tokio::spawn(async {
+        server::shutdown_signal().await;
+        eprintln!("meetgate: second signal, exiting without draining");
+        std::process::exit(130);
+    });
 }
 
 fn main() -> ExitCode {
@@ -92,18 +103,22 @@ fn main() -> ExitCode {
     };
     let result: Result<(), String> = runtime.block_on(async move {
         match (cli.command, config) {
-            (Command::Run { .. }, Some(config)) => {
+            (Command::Run { config: path }, Some(config)) => {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
-                    .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-                meetgate::run(Arc::new(config), listener, server::shutdown_signal())
+                    .map_err(|e| format!("cannot listen on {} (listen): {e}", config.listen))?;
+                let source = ConfigSource {
+                    path,
+                    env: Arc::new(|| std::env::vars().collect()),
+                };
+                meetgate::run(Arc::new(config), listener, Some(source), shutdown())
                     .await
                     .map_err(|e| e.to_string())
             }
-            (Command::Demo { listen }, _) => meetgate::demo::run(listen, server::shutdown_signal())
+            (Command::Demo { listen }, _) => meetgate::demo::run(listen, shutdown())
                 .await
                 .map_err(|e| e.to_string()),
-            (Command::Simulate(args), _) => simulator::run_cli(args, server::shutdown_signal())
+            (Command::Simulate(args), _) => simulator::run_cli(args, shutdown())
                 .await
                 .map_err(|e| e.to_string()),
             _ => Err("unreachable command".into()),

@@ -5,18 +5,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use secrecy::ExposeSecret;
 
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
 use crate::config::{AppConfig, Config};
 use crate::error::{retry_after_secs, GatewayError};
 use crate::headers::{self, X_ACCESS_TOKEN, X_MEETGATE_APP, X_REQUEST_ID};
+use crate::metrics::{
+    status_class, AppLabels, Metrics, OperationLabels, QuotaLabels, RequestLabels,
+};
 use crate::operations::{ClassifyError, OperationKind, OperationTable};
-use crate::quota::{Admission, BucketKey, QuotaManager};
+use crate::quota::{Admission, BucketKey, QuotaManager, Refused};
 use crate::token::{Slot, TokenCache, UpstreamAuthenticator};
 use crate::upstream::{read_body, Upstream, UpstreamBuildError};
 
@@ -37,14 +42,31 @@ struct AppEntry {
     default_slot: Arc<Slot>,
 }
 
-/// The gateway's shared state, built once from the validated config.
+/// One entry per configured app, each with its default identity's token slot (created, and
+/// so signed in, if new).
+fn build_apps(tokens: &TokenCache, config: &Config) -> Vec<AppEntry> {
+    config
+        .apps
+        .iter()
+        .map(|a| {
+            let app = Arc::new(a.clone());
+            let default_slot = tokens.slot(&app, &app.user_id);
+            AppEntry { app, default_slot }
+        })
+        .collect()
+}
+
+/// The gateway's shared state. Configuration and apps are swapped whole on reload; a request
+/// works with the snapshot it started with.
 pub struct Gateway {
-    config: Arc<Config>,
+    config: ArcSwap<Config>,
     ops: &'static OperationTable,
     upstream: Upstream,
     tokens: TokenCache,
     quota: Arc<QuotaManager>,
-    apps: Vec<AppEntry>,
+    apps: ArcSwap<Vec<AppEntry>>,
+    metrics: Arc<Metrics>,
+    anonymous: Arc<str>,
 }
 
 /// Per-request facts gathered on the way, for the one access-log line.
@@ -62,6 +84,9 @@ struct RequestCtx {
     upstream_time: Duration,
     replayed_401: bool,
     upstream_429s: u32,
+    quota_checked: bool,
+    /// Who called: a configured client's name, or `-` without client authentication.
+    client: Arc<str>,
     /// The upstream's correlation and quota headers, in [`LOGGED_UPSTREAM_HEADERS`] order.
     upstream_headers: [Option<HeaderValue>; LOGGED_COUNT],
 }
@@ -77,6 +102,15 @@ const LOGGED_UPSTREAM_HEADERS: [http::HeaderName; LOGGED_COUNT] = [
     headers::X_APIG_RATELIMIT_ALLENV,
 ];
 
+/// What a reload changed, for the log line that reports it.
+#[derive(Debug, Default)]
+pub struct ReloadSummary {
+    pub apps_changed: Vec<String>,
+    pub quota_changed: bool,
+    /// Settings that only take effect after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
 impl Gateway {
     /// Builds the gateway and starts signing in every app's default identity in the background.
     /// Must run inside a Tokio runtime.
@@ -84,6 +118,7 @@ impl Gateway {
         config: Arc<Config>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Gateway>, UpstreamBuildError> {
+        let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(&config.upstream)?;
         let quota = QuotaManager::new(config.quota.clone());
         let auth = Arc::new(UpstreamAuthenticator::new(
@@ -92,23 +127,17 @@ impl Gateway {
             config.token.signature_lifetime,
             quota.clone(),
         ));
-        let tokens = TokenCache::new(auth, clock, config.token.clone(), true);
-        let apps = config
-            .apps
-            .iter()
-            .map(|a| {
-                let app = Arc::new(a.clone());
-                let default_slot = tokens.slot(&app, &app.user_id);
-                AppEntry { app, default_slot }
-            })
-            .collect();
+        let tokens = TokenCache::new(auth, clock, config.token.clone(), true, metrics.clone());
+        let apps = build_apps(&tokens, &config);
         Ok(Arc::new(Gateway {
-            config,
+            config: ArcSwap::new(config),
             ops: OperationTable::global(),
             upstream,
             tokens,
             quota,
-            apps,
+            apps: ArcSwap::from_pointee(apps),
+            metrics,
+            anonymous: Arc::from("-"),
         }))
     }
 
@@ -120,18 +149,137 @@ impl Gateway {
         &self.quota
     }
 
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
-    /// Whether every app's default identity holds a valid token.
-    pub fn tokens_ready(&self) -> bool {
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Ready when every app's default identity holds a valid token; otherwise the reasons.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
         let now = self.tokens.now_ms();
-        self.apps.iter().all(|e| {
-            e.default_slot
+        let reasons: Vec<String> = self
+            .apps
+            .load()
+            .iter()
+            .filter(|e| {
+                !e.default_slot
+                    .current()
+                    .is_some_and(|t| t.expires_at_ms > now)
+            })
+            .map(|e| {
+                format!(
+                    "app {}: no valid token ({})",
+                    e.app.name,
+                    e.default_slot.problem()
+                )
+            })
+            .collect();
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
+    }
+
+    /// Fills the scrape-time gauges: token expiry per app, quota per bucket, waiting requests.
+    pub fn update_gauges(&self) {
+        let now = self.tokens.now_ms();
+        let m = &self.metrics;
+        m.token_expiry_seconds.clear();
+        for e in self.apps.load().iter() {
+            let left = e
+                .default_slot
                 .current()
-                .is_some_and(|t| t.expires_at_ms > now)
-        })
+                .map_or(-1.0, |t| (t.expires_at_ms as f64 - now as f64) / 1000.0);
+            m.token_expiry_seconds
+                .get_or_create(&AppLabels {
+                    app: e.default_slot.key.app.clone(),
+                })
+                .set(left);
+        }
+        m.quota_remaining.clear();
+        for (key, bucket) in self.quota.buckets() {
+            let operation = self.ops.get(key.op).name;
+            let app = key.app.clone().unwrap_or_else(|| Arc::from("*"));
+            for (kind, local, upstream) in bucket.remaining() {
+                let mut labels = QuotaLabels {
+                    operation,
+                    app: app.clone(),
+                    limit: kind.as_str(),
+                    source: "local",
+                };
+                // Several user buckets share labels: report the tightest.
+                let g = m.quota_remaining.get_or_create(&labels);
+                if g.get() == 0 || i64::from(local) < g.get() {
+                    g.set(i64::from(local));
+                }
+                drop(g);
+                if let Some(up) = upstream {
+                    labels.source = "upstream";
+                    m.quota_remaining
+                        .get_or_create(&labels)
+                        .set(i64::try_from(up).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        m.waiting.set(self.quota.waiting() as i64);
+        m.ready.set(i64::from(self.readiness().is_ok()));
+    }
+
+    /// Refuses requests still waiting for quota (503 `MEETGATE.SHUTTING_DOWN`) and all later
+    /// ones that would wait; requests already upstream finish normally.
+    pub fn begin_shutdown(&self) {
+        self.quota.begin_shutdown();
+    }
+
+    /// Applies a new, already validated configuration: app keys, quota settings and token
+    /// settings take effect for new requests; requests in flight keep what they started with.
+    pub fn reload(&self, new: Config) -> ReloadSummary {
+        let old = self.config.load_full();
+        let mut summary = ReloadSummary::default();
+        if new.listen != old.listen {
+            summary.needs_restart.push("listen");
+        }
+        if new.admin_listen != old.admin_listen {
+            summary.needs_restart.push("admin_listen");
+        }
+        if new.upstream.url != old.upstream.url
+            || new.upstream.ca_file != old.upstream.ca_file
+            || new.upstream.extra_roots != old.upstream.extra_roots
+        {
+            summary.needs_restart.push("upstream");
+        }
+        if new.log.format != old.log.format || new.log.level != old.log.level {
+            summary.needs_restart.push("log");
+        }
+        for app in &new.apps {
+            let changed = old
+                .apps
+                .iter()
+                .find(|a| a.name == app.name)
+                .is_none_or(|a| {
+                    a.app_id != app.app_id
+                        || a.corp_id != app.corp_id
+                        || a.user_id != app.user_id
+                        || a.app_key.expose_secret() != app.app_key.expose_secret()
+                });
+            if changed {
+                summary.apps_changed.push(app.name.clone());
+                self.tokens.update_app(&Arc::new(app.clone()));
+            }
+        }
+        if new.quota != old.quota {
+            summary.quota_changed = true;
+            self.quota.reconfigure(new.quota.clone());
+        }
+        let new = Arc::new(new);
+        self.apps.store(Arc::new(build_apps(&self.tokens, &new)));
+        self.config.store(new);
+        summary
     }
 
     /// The outer handler: never fails, logs exactly once.
@@ -154,8 +302,12 @@ impl Gateway {
             upstream_time: Duration::ZERO,
             replayed_401: false,
             upstream_429s: 0,
+            quota_checked: false,
+            client: self.anonymous.clone(),
             upstream_headers: Default::default(),
         };
+        let metrics = self.metrics.clone();
+        metrics.in_flight.inc();
         let (resp, error) = match self.handle_inner(req, &mut ctx).await {
             Ok(resp) => (resp, None),
             Err(e) => {
@@ -167,7 +319,9 @@ impl Gateway {
                 (resp, Some((code, msg)))
             }
         };
+        metrics.in_flight.dec();
         access_log(&ctx, resp.status(), error.as_ref());
+        record(&metrics, &ctx, resp.status());
         resp
     }
 
@@ -206,14 +360,18 @@ impl Gateway {
             OperationKind::Business | OperationKind::Unlisted => {}
         }
 
-        let entry = self.select_app(&parts.headers)?;
-        let slot = entry.default_slot.clone();
-        ctx.app = Some(entry.app.clone());
+        let config = self.config.load_full();
+        let slot = {
+            let apps = self.apps.load();
+            let entry = select_app(&apps, &parts.headers)?;
+            ctx.app = Some(entry.app.clone());
+            entry.default_slot.clone()
+        };
         ctx.user = Some(slot.key.user.clone());
         let bucket_key = self.quota.key(op_id, &slot.key.app, &slot.key.user);
-        let deadline = ctx.start + self.config.quota.max_wait;
+        let deadline = ctx.start + config.quota.max_wait;
 
-        let body = body::prepare(body, self.config.limits.replay_body_bytes).await?;
+        let body = body::prepare(body, config.limits.replay_body_bytes).await?;
         let replay_body = body.replayable();
 
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -322,28 +480,13 @@ impl Gateway {
         match self.quota.acquire(key.clone(), deadline).await {
             Ok(a) => {
                 ctx.queue_wait += a.waited;
+                ctx.quota_checked = true;
                 Ok(Some(a))
             }
-            Err(refused) => Err(GatewayError::QuotaExceeded {
-                retry_after: refused.retry_after,
-            }),
-        }
-    }
-
-    /// The app a request acts through: `X-Meetgate-App` when given, else the first configured.
-    fn select_app(&self, headers: &HeaderMap) -> Result<&AppEntry, GatewayError> {
-        match headers.get(X_MEETGATE_APP) {
-            None => self
-                .apps
-                .first()
-                .ok_or(GatewayError::Forbidden("no app is configured")),
-            Some(v) => self
-                .apps
-                .iter()
-                .find(|e| e.app.name.as_bytes() == v.as_bytes())
-                .ok_or(GatewayError::Forbidden(
-                    "X-Meetgate-App names no configured app",
-                )),
+            Err(Refused::Exhausted { retry_after }) => {
+                Err(GatewayError::QuotaExceeded { retry_after })
+            }
+            Err(Refused::ShuttingDown) => Err(GatewayError::ShuttingDown),
         }
     }
 
@@ -361,6 +504,58 @@ impl Gateway {
             *slot = resp.headers().get(name).cloned();
         }
         resp
+    }
+}
+
+/// The app a request acts through: `X-Meetgate-App` when given, else the first configured.
+fn select_app<'a>(apps: &'a [AppEntry], headers: &HeaderMap) -> Result<&'a AppEntry, GatewayError> {
+    match headers.get(X_MEETGATE_APP) {
+        None => apps
+            .first()
+            .ok_or(GatewayError::Forbidden("no app is configured")),
+        Some(v) => apps
+            .iter()
+            .find(|e| e.app.name.as_bytes() == v.as_bytes())
+            .ok_or(GatewayError::Forbidden(
+                "X-Meetgate-App names no configured app",
+            )),
+    }
+}
+
+/// Counters and histograms for one finished request.
+fn record(metrics: &Metrics, ctx: &RequestCtx, status: StatusCode) {
+    let op = OperationLabels {
+        operation: ctx.operation,
+    };
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            operation: ctx.operation,
+            status_class: status_class(status.as_u16()),
+            client: ctx.client.clone(),
+        })
+        .inc();
+    metrics
+        .request_seconds
+        .get_or_create(&op)
+        .observe(ctx.start.elapsed().as_secs_f64());
+    if !ctx.upstream_time.is_zero() {
+        metrics
+            .upstream_seconds
+            .get_or_create(&op)
+            .observe(ctx.upstream_time.as_secs_f64());
+    }
+    if ctx.quota_checked {
+        metrics
+            .queue_wait_seconds
+            .get_or_create(&op)
+            .observe(ctx.queue_wait.as_secs_f64());
+    }
+    if ctx.upstream_429s > 0 {
+        metrics
+            .upstream_429
+            .get_or_create(&op)
+            .inc_by(u64::from(ctx.upstream_429s));
     }
 }
 

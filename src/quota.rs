@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use governor::clock::{Clock as GovernorClock, DefaultClock};
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::nanos::Nanos;
@@ -114,6 +115,8 @@ struct Limit {
     /// Burst capacity left after the last admission, and when: to estimate a queue's wait.
     spare: u32,
     spare_at: Instant,
+    /// What the upstream's counter said last, for metrics.
+    last_upstream_remain: Option<u64>,
 }
 
 impl Limit {
@@ -148,6 +151,7 @@ impl Limit {
             budget: None,
             spare,
             spare_at: Instant::now(),
+            last_upstream_remain: None,
         }
     }
 
@@ -203,8 +207,9 @@ impl Bucket {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Our view of what is left right now, per limit: (kind, burst slots available now).
-    pub fn remaining(&self) -> Vec<(LimitKind, u32)> {
+    /// What is left per limit: (kind, left in the last window by our own count, what the
+    /// upstream last reported).
+    pub fn remaining(&self) -> Vec<(LimitKind, u32, Option<u64>)> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         state
@@ -216,7 +221,11 @@ impl Bucket {
                     .iter()
                     .filter(|t| now.duration_since(**t) < l.spec.window)
                     .count();
-                (l.spec.kind, l.spec.limit.get().saturating_sub(used as u32))
+                (
+                    l.spec.kind,
+                    l.spec.limit.get().saturating_sub(used as u32),
+                    l.last_upstream_remain,
+                )
             })
             .collect()
     }
@@ -311,9 +320,11 @@ impl Drop for Admission {
 
 /// Why a request got no slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused {
-    /// When a slot could next be free.
-    pub retry_after: Duration,
+pub enum Refused {
+    /// No slot within the deadline; one could be free after `retry_after`.
+    Exhausted { retry_after: Duration },
+    /// The gateway is shutting down: nobody waits any more.
+    ShuttingDown,
 }
 
 /// Counts a waiter for as long as it waits, including when its future is dropped.
@@ -385,7 +396,8 @@ fn parse_window(text: &str) -> Option<Duration> {
 
 /// All buckets and the settings they are built from.
 pub struct QuotaManager {
-    cfg: QuotaConfig,
+    cfg: ArcSwap<QuotaConfig>,
+    shutdown: tokio::sync::watch::Sender<bool>,
     clock: DefaultClock,
     buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
     /// One warning per operation when the upstream reports a lower limit than configured.
@@ -397,7 +409,8 @@ pub struct QuotaManager {
 impl QuotaManager {
     pub fn new(cfg: QuotaConfig) -> Arc<QuotaManager> {
         let mgr = Arc::new(QuotaManager {
-            cfg,
+            cfg: ArcSwap::from_pointee(cfg),
+            shutdown: tokio::sync::watch::Sender::new(false),
             clock: DefaultClock::default(),
             buckets: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashMap::new()),
@@ -410,17 +423,58 @@ impl QuotaManager {
         mgr
     }
 
-    pub fn config(&self) -> &QuotaConfig {
-        &self.cfg
+    pub fn config(&self) -> Arc<QuotaConfig> {
+        self.cfg.load_full()
     }
 
     pub fn enabled(&self) -> bool {
-        self.cfg.enabled
+        self.cfg.load().enabled
+    }
+
+    /// Every request waiting for a slot, and every later one, is refused from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Requests waiting for a slot, across all buckets.
+    pub fn waiting(&self) -> usize {
+        self.buckets
+            .lock()
+            .map(|b| b.values().map(|b| b.waiting()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Applies reloaded quota settings. Buckets keep their history; a limit whose parameters
+    /// changed gets a new limiter that starts with its burst spent, so a reload never grants a
+    /// fresh burst.
+    pub fn reconfigure(&self, cfg: QuotaConfig) {
+        let buckets = self.buckets();
+        for (_, bucket) in buckets {
+            let wanted = cfg.limits_for(bucket.op);
+            let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut limits = Vec::with_capacity(wanted.len());
+            for (spec, params) in wanted {
+                let old = state.limits.iter().position(|l| l.spec.kind == spec.kind);
+                match old.map(|i| state.limits.swap_remove(i)) {
+                    Some(l) if l.spec == spec && l.params == params => limits.push(l),
+                    Some(l) => {
+                        let mut fresh = Limit::new(spec, params, &self.clock, true);
+                        fresh.recent = l.recent;
+                        fresh.budget = l.budget;
+                        limits.push(fresh);
+                    }
+                    None => limits.push(Limit::new(spec, params, &self.clock, true)),
+                }
+            }
+            limits.sort_by_key(|l| l.spec.window);
+            state.limits = limits;
+        }
+        self.cfg.store(Arc::new(cfg));
     }
 
     /// The bucket key for a request acting as (app, user) on `op`, per the configured scope.
     pub fn key(&self, op: OperationId, app: &Arc<str>, user: &Arc<str>) -> BucketKey {
-        match self.cfg.scope {
+        match self.cfg.load().scope {
             QuotaScope::Gateway => BucketKey {
                 op,
                 app: None,
@@ -445,8 +499,8 @@ impl QuotaManager {
             return b.clone();
         }
         let op = key.op;
-        let limits = self
-            .cfg
+        let cfg = self.cfg.load();
+        let limits = cfg
             .limits_for(op)
             .into_iter()
             .map(|(spec, params)| Limit::new(spec, params, &self.clock, false))
@@ -467,7 +521,7 @@ impl QuotaManager {
             in_flight: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
             slowest,
-            margin: self.cfg.safety_margin,
+            margin: cfg.safety_margin,
         });
         buckets.insert(key, bucket.clone());
         bucket
@@ -505,20 +559,26 @@ impl QuotaManager {
         // surely further away than the deadline is refused now rather than after the wait.
         let ahead = bucket.waiting.load(Ordering::Relaxed).saturating_sub(1) as u64;
         let estimate = bucket.estimate_wait(ahead, start);
-        if !estimate.is_zero()
-            && (self.cfg.mode == QuotaMode::Reject || start + estimate > deadline)
-        {
-            return Err(Refused {
+        let cfg = self.cfg.load_full();
+        if !estimate.is_zero() && (cfg.mode == QuotaMode::Reject || start + estimate > deadline) {
+            return Err(Refused::Exhausted {
                 retry_after: estimate,
             });
         }
-        let _turn = match tokio::time::timeout_at(deadline.into(), bucket.gate.lock()).await {
-            Ok(guard) => guard,
-            Err(_) => {
-                return Err(Refused {
-                    retry_after: bucket.estimate_wait(ahead, Instant::now()),
-                })
-            }
+        let mut shutdown = self.shutdown.subscribe();
+        if *shutdown.borrow() {
+            return Err(Refused::ShuttingDown);
+        }
+        let _turn = tokio::select! {
+            turn = tokio::time::timeout_at(deadline.into(), bucket.gate.lock()) => match turn {
+                Ok(guard) => guard,
+                Err(_) => {
+                    return Err(Refused::Exhausted {
+                        retry_after: bucket.estimate_wait(ahead, Instant::now()),
+                    })
+                }
+            },
+            _ = shutdown.wait_for(|down| *down) => return Err(Refused::ShuttingDown),
         };
         loop {
             let now = Instant::now();
@@ -531,11 +591,14 @@ impl QuotaManager {
                     });
                 }
                 Err(wait) => {
-                    if self.cfg.mode == QuotaMode::Reject || now + wait > deadline {
-                        return Err(Refused { retry_after: wait });
+                    if cfg.mode == QuotaMode::Reject || now + wait > deadline {
+                        return Err(Refused::Exhausted { retry_after: wait });
                     }
                     // Sleeping with the gate held keeps the queue in arrival order.
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = shutdown.wait_for(|down| *down) => return Err(Refused::ShuttingDown),
+                    }
                 }
             }
         }
@@ -581,7 +644,12 @@ impl QuotaManager {
                 let burst = limit.params.burst.min(
                     NonZeroU32::new(spec.limit.get().saturating_sub(1)).unwrap_or(NonZeroU32::MIN),
                 );
-                if let Ok(params) = derive(spec.limit, spec.window, self.cfg.safety_margin, burst) {
+                if let Ok(params) = derive(
+                    spec.limit,
+                    spec.window,
+                    self.cfg.load().safety_margin,
+                    burst,
+                ) {
                     self.warn_once(bucket.op, kind, limit.spec, spec);
                     let recent = std::mem::take(&mut limit.recent);
                     *limit = Limit::new(spec, params, &self.clock, true);
@@ -590,14 +658,16 @@ impl QuotaManager {
             }
         }
         let Some(remain) = report.remain else { return };
-        limit.prune(now, self.cfg.safety_margin);
+        let margin = self.cfg.load().safety_margin;
+        limit.last_upstream_remain = Some(remain);
+        limit.prune(now, margin);
         let ours = limit.recent.len() as u64;
         let expected = u64::from(limit.spec.limit.get()).saturating_sub(ours);
         if remain < expected {
             let in_flight = bucket.in_flight.load(Ordering::Relaxed) as u64;
             let budget = Budget {
                 remain: remain.saturating_sub(in_flight.saturating_sub(1)),
-                until: now + limit.spec.window + self.cfg.safety_margin,
+                until: now + limit.spec.window + margin,
             };
             tracing::debug!(
                 kind = kind.as_str(),
@@ -657,7 +727,8 @@ async fn evict_idle(mgr: Weak<QuotaManager>) {
     loop {
         tick.tick().await;
         let Some(mgr) = mgr.upgrade() else { return };
-        let idle_after = mgr.cfg.longest_window() + mgr.cfg.safety_margin;
+        let cfg = mgr.cfg.load_full();
+        let idle_after = cfg.longest_window() + cfg.safety_margin;
         let now = Instant::now();
         let mut buckets = mgr.buckets.lock().unwrap_or_else(|p| p.into_inner());
         buckets.retain(|_, b| {

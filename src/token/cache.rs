@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
@@ -16,6 +17,7 @@ use tokio::sync::Notify;
 use crate::clock::Clock;
 use crate::config::{AppConfig, TokenConfig};
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 
 /// What one sign-in produced.
 pub struct Grant {
@@ -136,7 +138,8 @@ struct Flight {
 /// One token key's state.
 pub struct Slot {
     pub key: TokenKey,
-    app: Arc<AppConfig>,
+    // Swapped on reload when the app's credentials change.
+    app: ArcSwap<AppConfig>,
     current: RwLock<Option<Arc<Token>>>,
     // Held for the duration of a sign-in: this is what makes it one at a time per key.
     flight: tokio::sync::Mutex<Flight>,
@@ -149,8 +152,19 @@ impl Slot {
         self.current.read().map_or(None, |c| c.clone())
     }
 
-    pub fn app(&self) -> &Arc<AppConfig> {
-        &self.app
+    pub fn app(&self) -> Arc<AppConfig> {
+        self.app.load_full()
+    }
+
+    /// Why this slot holds no valid token, for readiness: the last sign-in error if known.
+    pub fn problem(&self) -> String {
+        match self.flight.try_lock() {
+            Ok(f) => f
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "no token yet".to_owned()),
+            Err(_) => "sign-in in progress".to_owned(),
+        }
     }
 }
 
@@ -168,6 +182,7 @@ struct Inner {
     background: bool,
     slots: Mutex<HashMap<TokenKey, Arc<Slot>>>,
     stats: TokenStats,
+    metrics: Arc<Metrics>,
 }
 
 /// Tokens for every identity the gateway acts as.
@@ -184,6 +199,7 @@ impl TokenCache {
         clock: Arc<dyn Clock>,
         cfg: TokenConfig,
         background: bool,
+        metrics: Arc<Metrics>,
     ) -> TokenCache {
         TokenCache {
             inner: Arc::new(Inner {
@@ -193,7 +209,40 @@ impl TokenCache {
                 background,
                 slots: Mutex::new(HashMap::new()),
                 stats: TokenStats::default(),
+                metrics,
             }),
+        }
+    }
+
+    /// Applies a reloaded app: every slot of that app uses the new credentials, and when they
+    /// changed, its token is dropped so the next use (or the refresher, at once) signs in anew.
+    pub fn update_app(&self, app: &Arc<AppConfig>) {
+        let slots: Vec<Arc<Slot>> = {
+            let slots = self
+                .inner
+                .slots
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            slots
+                .values()
+                .filter(|s| *s.key.app == *app.name)
+                .cloned()
+                .collect()
+        };
+        for slot in slots {
+            let old = slot.app.load_full();
+            let changed = old.app_id != app.app_id
+                || old.corp_id != app.corp_id
+                || old.app_key.expose_secret() != app.app_key.expose_secret();
+            slot.app.store(app.clone());
+            if changed {
+                *slot
+                    .current
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+                tracing::info!(app = %slot.key.app, user = %slot.key.user, "App credentials changed; signing in again");
+                slot.wake.notify_one();
+            }
         }
     }
 
@@ -217,7 +266,7 @@ impl TokenCache {
         }
         let slot = Arc::new(Slot {
             key: probe.clone(),
-            app: app.clone(),
+            app: ArcSwap::new(app.clone()),
             current: RwLock::new(None),
             flight: tokio::sync::Mutex::new(Flight::default()),
             wake: Arc::new(Notify::new()),
@@ -292,19 +341,22 @@ impl Inner {
         refresh: bool,
     ) -> Result<Arc<Token>, GatewayError> {
         let now = self.clock.now_ms();
+        let mut had_valid = false;
         if let Some(token) = slot.current() {
             match freshness(&token, now) {
                 Freshness::Fresh => return Ok(token),
                 Freshness::RefreshDue if !refresh => return Ok(token),
-                _ => {}
+                Freshness::RefreshDue => had_valid = true,
+                Freshness::Expired => {}
             }
         }
         if now < flight.next_attempt_ms {
             return Err(self.unavailable(slot, flight));
         }
+        let app = slot.app.load_full();
         let result = tokio::time::timeout(
             self.cfg.sign_in_timeout,
-            self.auth.sign_in(&slot.app, &slot.key.user),
+            self.auth.sign_in(&app, &slot.key.user),
         )
         .await
         .unwrap_or(Err(SignInError::Timeout(self.cfg.sign_in_timeout)));
@@ -337,6 +389,7 @@ impl Inner {
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(token.clone());
                 *flight = Flight::default();
                 self.stats.sign_ins_ok.fetch_add(1, Ordering::Relaxed);
+                self.metrics.sign_in(&slot.key.app, had_valid, true);
                 tracing::info!(
                     app = %slot.key.app,
                     user = %slot.key.user,
@@ -353,6 +406,7 @@ impl Inner {
                 flight.next_attempt_ms = now + wait.as_millis() as u64;
                 flight.last_error = Some(e.to_string());
                 self.stats.sign_ins_failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.sign_in(&slot.key.app, had_valid, false);
                 tracing::warn!(
                     app = %slot.key.app,
                     user = %slot.key.user,
@@ -474,7 +528,7 @@ mod tests {
             lifetime: Duration::from_secs(lifetime_s),
         });
         let clock = Arc::new(FakeClock::new(1_700_000_000_000));
-        let cache = TokenCache::new(fake.clone(), clock.clone(), cfg(), false);
+        let cache = TokenCache::new(fake.clone(), clock.clone(), cfg(), false, Arc::default());
         (cache, fake, clock)
     }
 

@@ -14,7 +14,7 @@ use crate::clock::Clock;
 use crate::config::AppConfig;
 use crate::error::retry_after_secs;
 use crate::operations::{OperationId, OperationTable};
-use crate::quota::{BucketKey, QuotaManager};
+use crate::quota::{BucketKey, QuotaManager, Refused};
 use crate::upstream::{read_body, Upstream};
 
 pub const APPAUTH_PATH: &str = "/v2/usg/acs/auth/appauth";
@@ -88,12 +88,22 @@ impl UpstreamAuthenticator {
                     user: None,
                 };
                 let deadline = Instant::now() + self.quota.config().max_wait;
-                Some(self.quota.acquire(key, deadline).await.map_err(|r| {
-                    SignInError::BadResponse(format!(
-                        "sign-in quota spent, next slot in {}s",
-                        retry_after_secs(r.retry_after)
-                    ))
-                })?)
+                Some(
+                    self.quota
+                        .acquire(key, deadline)
+                        .await
+                        .map_err(|r| match r {
+                            Refused::Exhausted { retry_after } => {
+                                SignInError::BadResponse(format!(
+                                    "sign-in quota spent, next slot in {}s",
+                                    retry_after_secs(retry_after)
+                                ))
+                            }
+                            Refused::ShuttingDown => {
+                                SignInError::BadResponse("the gateway is shutting down".into())
+                            }
+                        })?,
+                )
             }
             _ => None,
         };

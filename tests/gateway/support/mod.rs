@@ -46,6 +46,7 @@ pub async fn default_sim() -> SimHandle {
 
 pub struct TestGateway {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub gateway: Arc<meetgate::Gateway>,
     pub client: HttpClient,
     pub dir: tempfile::TempDir,
@@ -107,7 +108,7 @@ pub fn gateway_config(
         )
     });
     let toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nreload_interval = \"50ms\"\n\
          [upstream]\nurl = \"{sim_url}\"\n{ca_line}connect_timeout = \"2s\"\nrequest_timeout = \"5s\"\n{}\n\
          [token]\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\n{}\n{}\n{apps}",
         opts.upstream, opts.quota, opts.extra
@@ -123,21 +124,39 @@ pub async fn spawn_gateway(sim: &SimHandle, opts: GatewayOptions) -> TestGateway
     spawn_with_config(config, dir).await
 }
 
+/// A gateway that also watches its config file (and the files it names) for changes.
+pub async fn spawn_reloading_gateway(sim: &SimHandle, opts: GatewayOptions) -> TestGateway {
+    let gw = spawn_gateway(sim, opts).await;
+    let source = meetgate::reload::ConfigSource {
+        path: gw.config_path(),
+        env: Arc::new(env),
+    };
+    tokio::spawn(meetgate::reload::watch(
+        gw.gateway.clone(),
+        source,
+        std::future::pending(),
+    ));
+    gw
+}
+
 pub async fn spawn_with_config(config: meetgate::Config, dir: tempfile::TempDir) -> TestGateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let admin_addr = admin.local_addr().expect("admin addr");
     let (tx, rx) = oneshot::channel::<()>();
     let gateway = meetgate::Gateway::new(Arc::new(config), Arc::new(meetgate::clock::SystemClock))
         .expect("gateway builds");
     let served = gateway.clone();
     let task = tokio::spawn(async move {
-        meetgate::serve(served, listener, async {
+        meetgate::serve(served, listener, Some(admin), async {
             let _ = rx.await;
         })
         .await;
     });
     TestGateway {
         addr,
+        admin_addr,
         gateway,
         client: Client::builder(TokioExecutor::new()).build_http(),
         dir,
@@ -166,6 +185,18 @@ impl Reply {
 impl TestGateway {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("meetgate.toml")
+    }
+
+    /// GET on the admin listener.
+    pub async fn admin(&self, path: &str) -> Reply {
+        let req = Request::get(format!("http://{}{}", self.admin_addr, path))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        self.send(req).await
     }
 
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {

@@ -1,0 +1,195 @@
+//! Prometheus metrics (prometheus-client): request counters and latency histograms updated on the
+//! request path, and gauges for tokens and quota filled in at scrape time. Label sets are bounded:
+//! operation names, status classes, configured client and app names; never users or paths.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub operation: &'static str,
+    pub status_class: &'static str,
+    pub client: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignInLabels {
+    pub app: Arc<str>,
+    /// `sign_in` (no valid token was held) or `refresh` (replacing a valid one).
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    pub app: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub operation: &'static str,
+    pub app: Arc<str>,
+    pub limit: &'static str,
+    /// `local`: what meetgate's own accounting leaves; `upstream`: what the upstream last said.
+    pub source: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~65 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+/// Every metric meetgate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<OperationLabels, Histogram, fn() -> Histogram>,
+    pub upstream_seconds: Family<OperationLabels, Histogram, fn() -> Histogram>,
+    pub queue_wait_seconds: Family<OperationLabels, Histogram, fn() -> Histogram>,
+    pub upstream_429: Family<OperationLabels, Counter>,
+    pub sign_ins: Family<SignInLabels, Counter>,
+    pub token_expiry_seconds: Family<AppLabels, Gauge<f64, AtomicU64>>,
+    pub quota_remaining: Family<QuotaLabels, Gauge>,
+    pub in_flight: Gauge,
+    pub waiting: Gauge,
+    pub ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("meetgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by operation, status class and client",
+            requests.clone(),
+        );
+        let hist = || {
+            Family::<OperationLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            )
+        };
+        let request_seconds = hist();
+        registry.register(
+            "request_duration_seconds",
+            "Time from request received to response headers sent",
+            request_seconds.clone(),
+        );
+        let upstream_seconds = hist();
+        registry.register(
+            "upstream_duration_seconds",
+            "Time waiting for upstream response headers",
+            upstream_seconds.clone(),
+        );
+        let queue_wait_seconds = hist();
+        registry.register(
+            "queue_wait_seconds",
+            "Time waiting for a quota slot",
+            queue_wait_seconds.clone(),
+        );
+        let upstream_429 = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "upstream_429",
+            "Upstream 429 answers (the goal is zero)",
+            upstream_429.clone(),
+        );
+        let sign_ins = Family::<SignInLabels, Counter>::default();
+        registry.register(
+            "sign_ins",
+            "App ID sign-ins and refreshes, by app and result",
+            sign_ins.clone(),
+        );
+        let token_expiry_seconds = Family::<AppLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the token of each app's default identity expires (negative: none valid)",
+            token_expiry_seconds.clone(),
+        );
+        let quota_remaining = Family::<QuotaLabels, Gauge>::default();
+        registry.register(
+            "quota_remaining",
+            "Requests left in the current window per bucket, as meetgate sees it and as the upstream last reported",
+            quota_remaining.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests being handled",
+            in_flight.clone(),
+        );
+        let waiting = Gauge::default();
+        registry.register(
+            "waiting_requests",
+            "Requests waiting for a quota slot",
+            waiting.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when every app's default identity holds a valid token",
+            ready.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            upstream_seconds,
+            queue_wait_seconds,
+            upstream_429,
+            sign_ins,
+            token_expiry_seconds,
+            quota_remaining,
+            in_flight,
+            waiting,
+            ready,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn sign_in(&self, app: &Arc<str>, refresh: bool, ok: bool) {
+        self.sign_ins
+            .get_or_create(&SignInLabels {
+                app: app.clone(),
+                kind: if refresh { "refresh" } else { "sign_in" },
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+    }
+}
+
+/// `2xx`, `4xx`, ... for a status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
