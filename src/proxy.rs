@@ -166,9 +166,9 @@ impl Gateway {
             .load()
             .iter()
             .filter(|e| {
-                !e.default_slot
+                e.default_slot
                     .current()
-                    .is_some_and(|t| t.expires_at_ms > now)
+                    .is_none_or(|t| t.expires_at_ms <= now)
             })
             .map(|e| {
                 format!(
