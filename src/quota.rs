@@ -120,7 +120,8 @@ struct Limit {
 }
 
 impl Limit {
-    fn new(spec: LimitSpec, params: GcraParams, clock: &DefaultClock, drained: bool) -> Limit {
+    /// A limiter with `available` of its burst usable at once (the rest counts as just spent).
+    fn new(spec: LimitSpec, params: GcraParams, clock: &DefaultClock, available: u32) -> Limit {
         let cell = RollbackCell::default();
         let quota = Quota::with_period(params.interval)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
@@ -132,15 +133,11 @@ impl Limit {
                 clock.clone(),
             )
             .with_middleware::<StateInformationMiddleware>();
-        let mut spare = params.burst.get();
-        if drained {
-            // A rebuilt limiter starts with its burst spent: a change never grants a fresh burst.
-            for _ in 0..params.burst.get() {
-                if limiter.check().is_err() {
-                    break;
-                }
+        let spare = available.min(params.burst.get());
+        for _ in spare..params.burst.get() {
+            if limiter.check().is_err() {
+                break;
             }
-            spare = 0;
         }
         Limit {
             spec,
@@ -153,6 +150,31 @@ impl Limit {
             spare_at: Instant::now(),
             last_upstream_remain: None,
         }
+    }
+
+    /// Replaces `old` with new parameters without granting a fresh burst: what can go at once
+    /// is no more than before, and no more than the new burst less our own requests of the
+    /// last window (which the new limiter never saw).
+    fn rebuilt(
+        old: Limit,
+        spec: LimitSpec,
+        params: GcraParams,
+        clock: &DefaultClock,
+        now: Instant,
+    ) -> Limit {
+        let used = old
+            .recent
+            .iter()
+            .filter(|t| now.duration_since(**t) < old.spec.window.max(spec.window))
+            .count() as u64;
+        let available = old
+            .available(now)
+            .min(u64::from(params.burst.get()).saturating_sub(used));
+        let mut fresh = Limit::new(spec, params, clock, available as u32);
+        fresh.recent = old.recent;
+        fresh.budget = old.budget;
+        fresh.last_upstream_remain = old.last_upstream_remain;
+        fresh
     }
 
     /// Slots available at `now`, from the capacity left at the last admission plus what has
@@ -449,6 +471,7 @@ impl QuotaManager {
     /// fresh burst.
     pub fn reconfigure(&self, cfg: QuotaConfig) {
         let buckets = self.buckets();
+        let now = Instant::now();
         for (_, bucket) in buckets {
             let wanted = cfg.limits_for(bucket.op);
             let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -457,13 +480,8 @@ impl QuotaManager {
                 let old = state.limits.iter().position(|l| l.spec.kind == spec.kind);
                 match old.map(|i| state.limits.swap_remove(i)) {
                     Some(l) if l.spec == spec && l.params == params => limits.push(l),
-                    Some(l) => {
-                        let mut fresh = Limit::new(spec, params, &self.clock, true);
-                        fresh.recent = l.recent;
-                        fresh.budget = l.budget;
-                        limits.push(fresh);
-                    }
-                    None => limits.push(Limit::new(spec, params, &self.clock, true)),
+                    Some(l) => limits.push(Limit::rebuilt(l, spec, params, &self.clock, now)),
+                    None => limits.push(Limit::new(spec, params, &self.clock, 0)),
                 }
             }
             limits.sort_by_key(|l| l.spec.window);
@@ -503,7 +521,7 @@ impl QuotaManager {
         let limits = cfg
             .limits_for(op)
             .into_iter()
-            .map(|(spec, params)| Limit::new(spec, params, &self.clock, false))
+            .map(|(spec, params)| Limit::new(spec, params, &self.clock, params.burst.get()))
             .collect::<Vec<_>>();
         let slowest = limits
             .iter()
@@ -651,9 +669,9 @@ impl QuotaManager {
                     burst,
                 ) {
                     self.warn_once(bucket.op, kind, limit.spec, spec);
-                    let recent = std::mem::take(&mut limit.recent);
-                    *limit = Limit::new(spec, params, &self.clock, true);
-                    limit.recent = recent;
+                    // Swap in a placeholder, then rebuild from the old limiter.
+                    let old = std::mem::replace(limit, Limit::new(spec, params, &self.clock, 0));
+                    *limit = Limit::rebuilt(old, spec, params, &self.clock, now);
                 }
             }
         }
@@ -978,12 +996,16 @@ mod tests {
             app: None,
             user: None,
         });
+        for _ in 0..4 {
+            assert!(bucket.try_admit(Instant::now()).is_ok());
+        }
+        // We used 4 of a burst of 10; the upstream says its limit is 5.
         mgr.apply_report(
             &bucket,
             LimitKind::PerApi,
             RateLimitReport {
-                remain: Some(20),
-                limit: Some(20),
+                remain: Some(1),
+                limit: Some(5),
                 window: Some(Duration::from_secs(60)),
             },
         );
@@ -993,9 +1015,10 @@ mod tests {
             .iter()
             .find(|l| l.spec.kind == LimitKind::PerApi)
             .expect("limit");
-        assert_eq!(per_api.spec.limit.get(), 20);
+        assert_eq!(per_api.spec.limit.get(), 5);
+        assert_eq!(per_api.params.burst.get(), 4);
         drop(s);
-        // The rebuilt limiter starts drained: not even one request at once.
+        // Our 4 already fill the new burst of 4: nothing more at once.
         assert!(bucket.try_admit(Instant::now()).is_err());
     }
 }

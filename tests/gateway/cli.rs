@@ -9,10 +9,10 @@ use http::StatusCode;
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meetgate");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_meetgate");
 
 /// Kills the child process when dropped, so a failing test leaves nothing behind.
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -22,7 +22,7 @@ impl Drop for Running {
 }
 
 /// Reads the child's stdout on a thread until a line contains `marker`; returns lines so far.
-fn wait_for_line(child: &mut Child, marker: &'static str) -> Vec<String> {
+pub(crate) fn wait_for_line(child: &mut Child, marker: &'static str) -> Vec<String> {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

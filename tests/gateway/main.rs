@@ -4,6 +4,7 @@
 mod cli;
 mod forwarding;
 mod logs;
+mod operate;
 mod quota;
 mod support;
 mod tokens;
