@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::num::NonZeroU32;
@@ -40,7 +41,50 @@ struct RawConfig {
     #[serde(default)]
     apps: Vec<RawApp>,
     #[serde(default)]
+    clients: Vec<RawClient>,
+    allow_unauthenticated: Option<bool>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    sdk: RawSdk,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: Option<String>,
+    key_sha256: Option<String>,
+    app_id: Option<String>,
+    app_key_env: Option<String>,
+    app_key_file: Option<PathBuf>,
+    app_key: Option<SecretString>,
+    apps: Option<Vec<String>>,
+    users: Option<Vec<String>>,
+    operations: Option<Vec<String>>,
+}
+
+impl fmt::Debug for RawClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawClient")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    handshake_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSdk {
+    session_lifetime: Option<String>,
+    max_sessions: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +102,8 @@ struct RawUpstream {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawToken {
+    max_identities: Option<usize>,
+    identity_idle: Option<String>,
     refresh_at: Option<f64>,
     refresh_jitter: Option<f64>,
     signature_lifetime: Option<String>,
@@ -140,6 +186,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub quota: QuotaConfig,
     pub apps: Vec<AppConfig>,
+    /// Who may use the gateway. Empty: anyone who can reach the (loopback) listener.
+    pub clients: Vec<ClientConfig>,
+    pub allow_unauthenticated: bool,
+    /// TLS on the proxy listener (the SDKs sign in only over HTTPS).
+    pub tls: Option<TlsConfig>,
+    pub sdk: SdkConfig,
     pub log: LogConfig,
     /// Things worth a warning at start (an inline key, ...), logged once telemetry is up.
     pub warnings: Vec<String>,
@@ -161,6 +213,11 @@ pub struct UpstreamConfig {
 
 #[derive(Debug, Clone)]
 pub struct TokenConfig {
+    /// Most token keys (app, user) held at once; idle ones beyond the default identities are
+    /// dropped first.
+    pub max_identities: usize,
+    /// A non-default identity unused this long loses its token.
+    pub identity_idle: Duration,
     /// Fraction of a token's lifetime after which it is refreshed in the background.
     pub refresh_at: f64,
     /// Random share of the lifetime subtracted from `refresh_at`, so keys do not refresh in step.
@@ -247,6 +304,81 @@ impl QuotaConfig {
         assert!(c.problems.is_empty(), "{:?}", c.problems);
         q
     }
+}
+
+/// A client of the gateway and what it may do.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: Arc<str>,
+    /// SHA-256 of its bearer key.
+    pub key_sha256: Option<[u8; 32]>,
+    /// SDK-style credentials: the App ID and key the client signs in to meetgate with.
+    pub sdk: Option<SdkCredential>,
+    /// Apps it may act through, by name; the first is its default.
+    pub apps: Vec<String>,
+    /// Users it may act as; `None`: only each app's default user.
+    pub users: Option<Patterns>,
+    /// Operations it may call; `None`: all.
+    pub operations: Option<Patterns>,
+}
+
+/// An SDK client's gateway credentials (never the upstream's).
+#[derive(Debug, Clone)]
+pub struct SdkCredential {
+    pub app_id: String,
+    pub app_key: SecretString,
+    pub key_source: KeySource,
+}
+
+/// Exact names or glob patterns (`*`, `?`, `[...]`).
+#[derive(Clone)]
+pub struct Patterns {
+    pub patterns: Vec<String>,
+    set: globset::GlobSet,
+}
+
+impl Patterns {
+    pub fn matches(&self, candidate: &str) -> bool {
+        self.set.is_match(candidate)
+    }
+}
+
+impl fmt::Debug for Patterns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.patterns).finish()
+    }
+}
+
+impl PartialEq for Patterns {
+    fn eq(&self, other: &Self) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub certs: Vec<CertificateDer<'static>>,
+    pub key: Arc<rustls_pki_types::PrivateKeyDer<'static>>,
+    pub handshake_timeout: Duration,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("key", &REDACTED)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SdkConfig {
+    /// Lifetime of the session tokens meetgate issues to SDK clients.
+    pub session_lifetime: Duration,
+    pub max_sessions: usize,
 }
 
 /// One App ID credential.
@@ -455,6 +587,8 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
 
     let t = raw.token;
     let token = TokenConfig {
+        max_identities: t.max_identities.unwrap_or(10_000).max(1),
+        identity_idle: c.duration("token.identity_idle", t.identity_idle.as_deref(), "30m"),
         refresh_at: c.fraction("token.refresh_at", t.refresh_at, 0.8, 0.1, 0.95),
         refresh_jitter: c.fraction("token.refresh_jitter", t.refresh_jitter, 0.05, 0.0, 0.2),
         signature_lifetime: c.duration(
@@ -502,6 +636,31 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         }
     }
 
+    let clients = validate_clients(&mut c, &mut warnings, raw.clients, &apps, env);
+    let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);
+    if clients.is_empty() && !listen.ip().is_loopback() {
+        if allow_unauthenticated {
+            warnings.push(format!(
+                "listen = {listen} is not loopback and no [[clients]] are configured: anyone who reaches it acts with the gateway's credentials (allow_unauthenticated = true)"
+            ));
+        } else {
+            c.problem(
+                "listen",
+                quoted(&listen.to_string()),
+                "not a loopback address and no [[clients]] configured: add clients, listen on 127.0.0.1, or set allow_unauthenticated = true",
+            );
+        }
+    }
+    let tls = raw.tls.map(|t| validate_tls(&mut c, t));
+    let sdk = SdkConfig {
+        session_lifetime: c.duration(
+            "sdk.session_lifetime",
+            raw.sdk.session_lifetime.as_deref(),
+            "12h",
+        ),
+        max_sessions: raw.sdk.max_sessions.unwrap_or(100_000).max(1),
+    };
+
     let format = match raw.log.format.as_deref().unwrap_or("text") {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
@@ -532,6 +691,10 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         limits,
         quota,
         apps,
+        clients,
+        allow_unauthenticated,
+        tls: tls.flatten(),
+        sdk,
         log: LogConfig { format, level },
         warnings,
     })
@@ -686,6 +849,301 @@ fn validate_quota(c: &mut Checker, q: RawQuota) -> QuotaConfig {
     }
 }
 
+fn patterns(c: &mut Checker, key: &str, list: Vec<String>) -> Option<Patterns> {
+    let mut builder = globset::GlobSetBuilder::new();
+    for (i, p) in list.iter().enumerate() {
+        match globset::GlobBuilder::new(p)
+            .literal_separator(false)
+            .build()
+        {
+            Ok(g) => {
+                builder.add(g);
+            }
+            Err(e) => c.problem(
+                format!("{key}[{i}]"),
+                quoted(p),
+                format!("not a glob pattern ({e})"),
+            ),
+        }
+    }
+    match builder.build() {
+        Ok(set) => Some(Patterns {
+            patterns: list,
+            set,
+        }),
+        Err(e) => {
+            c.problem(key, "", format!("patterns do not compile ({e})"));
+            None
+        }
+    }
+}
+
+/// Reads a secret from exactly one of an environment variable, a file or an inline value.
+fn secret(
+    c: &mut Checker,
+    warnings: &mut Vec<String>,
+    prefix: &str,
+    env_var: Option<String>,
+    file: Option<PathBuf>,
+    inline: Option<SecretString>,
+    env: &HashMap<String, String>,
+) -> Option<(SecretString, KeySource)> {
+    let key = |field: &str| format!("{prefix}.{field}");
+    let count = [env_var.is_some(), file.is_some(), inline.is_some()]
+        .iter()
+        .filter(|s| **s)
+        .count();
+    if count != 1 {
+        c.problem(
+            key("app_key_env"),
+            "",
+            "set exactly one of app_key_env, app_key_file or app_key",
+        );
+        return None;
+    }
+    if let Some(var) = env_var {
+        return match env.get(&var) {
+            Some(v) if !v.is_empty() => Some((SecretString::from(v.clone()), KeySource::Env(var))),
+            _ => {
+                c.problem(
+                    key("app_key_env"),
+                    quoted(&var),
+                    "environment variable is unset or empty",
+                );
+                None
+            }
+        };
+    }
+    if let Some(path) = file {
+        return match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                // Secrets mounted from files usually end with a newline that is not part of the key.
+                let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+                let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+                if trimmed.is_empty() {
+                    c.problem(
+                        key("app_key_file"),
+                        quoted(&path.display().to_string()),
+                        "file is empty",
+                    );
+                    return None;
+                }
+                Some((
+                    SecretString::from(trimmed.to_owned()),
+                    KeySource::File(path),
+                ))
+            }
+            Err(e) => {
+                c.problem(
+                    key("app_key_file"),
+                    quoted(&path.display().to_string()),
+                    format!("cannot be read ({})", e.kind()),
+                );
+                None
+            }
+        };
+    }
+    let inline = inline.unwrap_or_else(|| SecretString::from(String::new()));
+    if inline.expose_secret().is_empty() {
+        c.problem(key("app_key"), "", "is empty");
+        return None;
+    }
+    warnings.push(format!(
+        "{} holds the key inline; use app_key_env or app_key_file outside demos",
+        key("app_key")
+    ));
+    Some((inline, KeySource::Inline))
+}
+
+fn validate_clients(
+    c: &mut Checker,
+    warnings: &mut Vec<String>,
+    raw: Vec<RawClient>,
+    apps: &[AppConfig],
+    env: &HashMap<String, String>,
+) -> Vec<ClientConfig> {
+    let mut out: Vec<ClientConfig> = Vec::with_capacity(raw.len());
+    for (i, rc) in raw.into_iter().enumerate() {
+        let prefix = format!("clients[{i}]");
+        let key = |field: &str| format!("{prefix}.{field}");
+        let name = rc.name.unwrap_or_default();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        {
+            c.problem(
+                key("name"),
+                quoted(&name),
+                "required; use letters, digits, '-', '_' or '.'",
+            );
+        } else if out.iter().any(|o| *o.name == *name) {
+            c.problem(key("name"), quoted(&name), "duplicate client name");
+        }
+        let key_sha256 = rc.key_sha256.as_deref().and_then(|h| {
+            let mut out = [0u8; 32];
+            match hex::decode_to_slice(h.trim(), &mut out) {
+                Ok(()) => Some(out),
+                Err(_) => {
+                    c.problem(
+                        key("key_sha256"),
+                        "[not shown]",
+                        "must be 64 hex characters (the SHA-256 of the key)",
+                    );
+                    None
+                }
+            }
+        });
+        let wants_sdk = rc.app_id.is_some()
+            || rc.app_key_env.is_some()
+            || rc.app_key_file.is_some()
+            || rc.app_key.is_some();
+        let sdk = if wants_sdk {
+            let app_id = rc.app_id.clone().unwrap_or_default();
+            if app_id.is_empty() {
+                c.problem(
+                    key("app_id"),
+                    "",
+                    "required with app_key_env, app_key_file or app_key",
+                );
+            }
+            secret(
+                c,
+                warnings,
+                &prefix,
+                rc.app_key_env,
+                rc.app_key_file,
+                rc.app_key,
+                env,
+            )
+            .map(|(app_key, key_source)| SdkCredential {
+                app_id,
+                app_key,
+                key_source,
+            })
+        } else {
+            None
+        };
+        if key_sha256.is_none() && !wants_sdk {
+            c.problem(key("key_sha256"), "", "a client needs key_sha256, SDK credentials (app_id + app_key_env/app_key_file), or both");
+        }
+        if let Some(s) = &sdk {
+            if out
+                .iter()
+                .any(|o| o.sdk.as_ref().is_some_and(|x| x.app_id == s.app_id))
+            {
+                c.problem(
+                    key("app_id"),
+                    quoted(&s.app_id),
+                    "another client signs in with this app_id",
+                );
+            }
+        }
+        let client_apps = rc.apps.unwrap_or_else(|| {
+            apps.first()
+                .map(|a| vec![a.name.clone()])
+                .unwrap_or_default()
+        });
+        if client_apps.is_empty() {
+            c.problem(
+                key("apps"),
+                "[]",
+                "a client must be allowed at least one app",
+            );
+        }
+        for (j, a) in client_apps.iter().enumerate() {
+            if !apps.iter().any(|x| &x.name == a) {
+                c.problem(
+                    format!("{prefix}.apps[{j}]"),
+                    quoted(a),
+                    "no [[apps]] entry has this name",
+                );
+            }
+        }
+        let users = rc.users.and_then(|u| patterns(c, &key("users"), u));
+        let operations = rc
+            .operations
+            .and_then(|o| patterns(c, &key("operations"), o));
+        out.push(ClientConfig {
+            name: Arc::from(name),
+            key_sha256,
+            sdk,
+            apps: client_apps,
+            users,
+            operations,
+        });
+    }
+    out
+}
+
+fn validate_tls(c: &mut Checker, t: RawTls) -> Option<TlsConfig> {
+    let handshake_timeout = c.duration(
+        "tls.handshake_timeout",
+        t.handshake_timeout.as_deref(),
+        "10s",
+    );
+    let (Some(cert_file), Some(key_file)) = (t.cert_file, t.key_file) else {
+        c.problem("tls", "", "needs both cert_file and key_file");
+        return None;
+    };
+    let certs =
+        match CertificateDer::pem_file_iter(&cert_file).map(|i| i.collect::<Result<Vec<_>, _>>()) {
+            Ok(Ok(certs)) if !certs.is_empty() => certs,
+            Ok(Ok(_)) => {
+                c.problem(
+                    "tls.cert_file",
+                    quoted(&cert_file.display().to_string()),
+                    "holds no PEM certificate",
+                );
+                return None;
+            }
+            Ok(Err(e)) | Err(e) => {
+                c.problem(
+                    "tls.cert_file",
+                    quoted(&cert_file.display().to_string()),
+                    format!("not a readable PEM certificate file ({e})"),
+                );
+                return None;
+            }
+        };
+    let key = match rustls_pki_types::PrivateKeyDer::from_pem_file(&key_file) {
+        Ok(k) => k,
+        Err(e) => {
+            c.problem(
+                "tls.key_file",
+                quoted(&key_file.display().to_string()),
+                format!("not a readable PEM private key ({e})"),
+            );
+            return None;
+        }
+    };
+    // Build the server configuration once here, so a key that does not match its certificate
+    // is a configuration error, not a listener that fails every handshake.
+    let check = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| {
+        b.with_no_client_auth()
+            .with_single_cert(certs.clone(), key.clone_key())
+    });
+    if let Err(e) = check {
+        c.problem(
+            "tls.key_file",
+            quoted(&key_file.display().to_string()),
+            format!("unusable with tls.cert_file ({e})"),
+        );
+        return None;
+    }
+    Some(TlsConfig {
+        cert_file,
+        key_file,
+        certs,
+        key: Arc::new(key),
+        handshake_timeout,
+    })
+}
+
 fn validate_upstream(c: &mut Checker, u: RawUpstream) -> UpstreamConfig {
     let text = u
         .url
@@ -798,73 +1256,15 @@ fn validate_app(
             String::new()
         }
     };
-    let sources = [
-        app.app_key_env.is_some(),
-        app.app_key_file.is_some(),
-        app.app_key.is_some(),
-    ];
-    if sources.iter().filter(|s| **s).count() != 1 {
-        c.problem(
-            key("app_key_env"),
-            "",
-            "set exactly one of app_key_env, app_key_file or app_key",
-        );
-        return None;
-    }
-    let (app_key, key_source) = if let Some(var) = app.app_key_env {
-        match env.get(&var) {
-            Some(v) if !v.is_empty() => (SecretString::from(v.clone()), KeySource::Env(var)),
-            _ => {
-                c.problem(
-                    key("app_key_env"),
-                    quoted(&var),
-                    "environment variable is unset or empty",
-                );
-                return None;
-            }
-        }
-    } else if let Some(path) = app.app_key_file {
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                // Secrets mounted from files usually end with a newline that is not part of the key.
-                let trimmed = text.strip_suffix('\n').unwrap_or(&text);
-                let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
-                if trimmed.is_empty() {
-                    c.problem(
-                        key("app_key_file"),
-                        quoted(&path.display().to_string()),
-                        "file is empty",
-                    );
-                    return None;
-                }
-                (
-                    SecretString::from(trimmed.to_owned()),
-                    KeySource::File(path),
-                )
-            }
-            Err(e) => {
-                c.problem(
-                    key("app_key_file"),
-                    quoted(&path.display().to_string()),
-                    format!("cannot be read ({})", e.kind()),
-                );
-                return None;
-            }
-        }
-    } else {
-        let inline = app
-            .app_key
-            .unwrap_or_else(|| SecretString::from(String::new()));
-        if inline.expose_secret().is_empty() {
-            c.problem(key("app_key"), "", "is empty");
-            return None;
-        }
-        warnings.push(format!(
-            "{} holds the key inline; use app_key_env or app_key_file outside demos",
-            key("app_key")
-        ));
-        (inline, KeySource::Inline)
-    };
+    let (app_key, key_source) = secret(
+        c,
+        warnings,
+        &format!("apps[{i}]"),
+        app.app_key_env,
+        app.app_key_file,
+        app.app_key,
+        env,
+    )?;
     Some(AppConfig {
         name,
         app_id,

@@ -51,6 +51,12 @@ pub enum GatewayError {
     QuotaExceeded { retry_after: Duration },
     #[error("the gateway is shutting down; retry on another instance")]
     ShuttingDown,
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// A gateway session token that is unknown, expired or revoked: answered like the
+    /// upstream's invalid token, so SDKs that re-authenticate on it do so.
+    #[error("session token invalid or expired; sign in again")]
+    SessionInvalid,
 }
 
 /// `Retry-After` in whole seconds, rounded up, at least 1.
@@ -72,6 +78,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Unauthenticated(_) | GatewayError::SessionInvalid => {
+                StatusCode::UNAUTHORIZED
+            }
         }
     }
 
@@ -89,6 +98,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "MEETGATE.UPSTREAM_TIMEOUT",
             GatewayError::QuotaExceeded { .. } => "MEETGATE.QUOTA_EXCEEDED",
             GatewayError::ShuttingDown => "MEETGATE.SHUTTING_DOWN",
+            GatewayError::Unauthenticated(_) => "MEETGATE.UNAUTHENTICATED",
+            GatewayError::SessionInvalid => "USG.000000004",
         }
     }
 

@@ -2,6 +2,7 @@
 //!
 //! The request path is one module per step; [`run`] is the seam tests and `main` share.
 
+pub mod access;
 pub mod admin;
 pub mod body;
 pub mod clock;
@@ -14,7 +15,9 @@ pub mod operations;
 pub mod proxy;
 pub mod quota;
 pub mod reload;
+pub mod sdk;
 pub mod server;
+pub mod session;
 pub mod simulator;
 pub mod telemetry;
 pub mod token;
@@ -97,7 +100,15 @@ pub async fn serve(
         shutdown.await;
         gw.begin_shutdown();
     };
-    let drained = server::serve(listener, gateway, shutdown, config.shutdown_grace).await;
+    let tls = match config.tls.as_ref().map(server::Tls::new) {
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "TLS configuration unusable; serving nothing");
+            return;
+        }
+        None => None,
+    };
+    let drained = server::serve(listener, gateway, tls, shutdown, config.shutdown_grace).await;
     let _ = admin_stop.send(());
     if drained {
         tracing::info!("Drained; exiting");

@@ -12,16 +12,18 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use secrecy::ExposeSecret;
 
+use crate::access::AccessRules;
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
 use crate::config::{AppConfig, Config};
 use crate::error::{retry_after_secs, GatewayError};
-use crate::headers::{self, X_ACCESS_TOKEN, X_MEETGATE_APP, X_REQUEST_ID};
+use crate::headers::{self, X_ACCESS_TOKEN, X_REQUEST_ID};
 use crate::metrics::{
     status_class, AppLabels, Metrics, OperationLabels, QuotaLabels, RequestLabels,
 };
 use crate::operations::{ClassifyError, OperationKind, OperationTable};
 use crate::quota::{Admission, BucketKey, QuotaManager, Refused};
+use crate::sdk::{SdkAuth, SdkRequest};
 use crate::token::{Slot, TokenCache, UpstreamAuthenticator};
 use crate::upstream::{read_body, Upstream, UpstreamBuildError};
 
@@ -65,6 +67,8 @@ pub struct Gateway {
     tokens: TokenCache,
     quota: Arc<QuotaManager>,
     apps: ArcSwap<Vec<AppEntry>>,
+    access: ArcSwap<AccessRules>,
+    sdk: SdkAuth,
     metrics: Arc<Metrics>,
     anonymous: Arc<str>,
 }
@@ -106,6 +110,7 @@ const LOGGED_UPSTREAM_HEADERS: [http::HeaderName; LOGGED_COUNT] = [
 #[derive(Debug, Default)]
 pub struct ReloadSummary {
     pub apps_changed: Vec<String>,
+    pub clients_changed: bool,
     pub quota_changed: bool,
     /// Settings that only take effect after a restart.
     pub needs_restart: Vec<&'static str>,
@@ -129,6 +134,7 @@ impl Gateway {
         ));
         let tokens = TokenCache::new(auth, clock, config.token.clone(), true, metrics.clone());
         let apps = build_apps(&tokens, &config);
+        let config_for_access = config.clone();
         Ok(Arc::new(Gateway {
             config: ArcSwap::new(config),
             ops: OperationTable::global(),
@@ -136,6 +142,8 @@ impl Gateway {
             tokens,
             quota,
             apps: ArcSwap::from_pointee(apps),
+            access: ArcSwap::from_pointee(AccessRules::new(&config_for_access)),
+            sdk: SdkAuth::new(&config_for_access.sdk),
             metrics,
             anonymous: Arc::from("-"),
         }))
@@ -256,6 +264,9 @@ impl Gateway {
         if new.log.format != old.log.format || new.log.level != old.log.level {
             summary.needs_restart.push("log");
         }
+        if new.tls.as_ref().map(|t| &t.certs) != old.tls.as_ref().map(|t| &t.certs) {
+            summary.needs_restart.push("tls");
+        }
         for app in &new.apps {
             let changed = old
                 .apps
@@ -276,6 +287,33 @@ impl Gateway {
             summary.quota_changed = true;
             self.quota.reconfigure(new.quota.clone());
         }
+        // Sessions of clients that were removed or whose credentials changed end now.
+        self.sdk.sessions.retain_clients(|name| {
+            let before = old.clients.iter().find(|c| &*c.name == name);
+            let after = new.clients.iter().find(|c| &*c.name == name);
+            match (before, after) {
+                (Some(b), Some(a)) => {
+                    b.sdk
+                        .as_ref()
+                        .map(|s| (s.app_id.as_str(), s.app_key.expose_secret()))
+                        == a.sdk
+                            .as_ref()
+                            .map(|s| (s.app_id.as_str(), s.app_key.expose_secret()))
+                }
+                _ => false,
+            }
+        });
+        summary.clients_changed = new.clients.len() != old.clients.len()
+            || new.clients.iter().zip(&old.clients).any(|(a, b)| {
+                a.name != b.name
+                    || a.key_sha256 != b.key_sha256
+                    || a.apps != b.apps
+                    || a.users != b.users
+                    || a.operations != b.operations
+                    || a.sdk.as_ref().map(|s| s.app_key.expose_secret())
+                        != b.sdk.as_ref().map(|s| s.app_key.expose_secret())
+            });
+        self.access.store(Arc::new(AccessRules::new(&new)));
         let new = Arc::new(new);
         self.apps.store(Arc::new(build_apps(&self.tokens, &new)));
         self.config.store(new);
@@ -346,26 +384,51 @@ impl Gateway {
             })?;
         let op = self.ops.get(op_id);
         ctx.operation = op.name;
+        let config = self.config.load_full();
+        let access = self.access.load_full();
+        let apps = self.apps.load_full();
+        let default_user = |app: &str| {
+            apps.iter()
+                .find(|e| e.app.name == app)
+                .map(|e| e.app.user_id.clone())
+        };
         match op.kind {
-            OperationKind::SignIn => {
-                return Err(GatewayError::Forbidden(
-                    "sign-in is done by the gateway: send requests without credentials",
-                ))
-            }
-            OperationKind::TokenManagement => {
-                return Err(GatewayError::Forbidden(
-                    "the gateway manages upstream tokens: refresh, validation and logout are not forwarded",
-                ))
+            // Sign-in and the caller's own token are meetgate's business: answered locally
+            // for SDK clients, never forwarded (a forwarded logout would end the shared token).
+            OperationKind::SignIn | OperationKind::TokenManagement => {
+                let req = SdkRequest {
+                    operation: op.name,
+                    headers: &parts.headers,
+                    peer: ctx.peer,
+                    now_ms: self.tokens.now_ms(),
+                };
+                let resp = self
+                    .sdk
+                    .handle(req, body, &access, &config.sdk, default_user)
+                    .await?;
+                return Ok(resp.map(Either::Right));
             }
             OperationKind::Business | OperationKind::Unlisted => {}
         }
 
-        let config = self.config.load_full();
-        let slot = {
-            let apps = self.apps.load();
-            let entry = select_app(&apps, &parts.headers)?;
-            ctx.app = Some(entry.app.clone());
-            entry.default_slot.clone()
+        let caller =
+            access.authenticate(&parts.headers, &self.sdk.sessions, self.tokens.now_ms())?;
+        if let Some(client) = caller.client() {
+            ctx.client = client.name.clone();
+        }
+        let identity = access.authorize(&caller, op.name, &parts.headers, default_user)?;
+        let entry = if identity.app.is_empty() {
+            apps.first()
+        } else {
+            apps.iter().find(|e| e.app.name == identity.app)
+        }
+        .ok_or(GatewayError::Forbidden(
+            "X-Meetgate-App names no configured app",
+        ))?;
+        ctx.app = Some(entry.app.clone());
+        let slot = match identity.user {
+            Some(user) if user != entry.app.user_id => self.tokens.slot(&entry.app, &user),
+            _ => entry.default_slot.clone(),
         };
         ctx.user = Some(slot.key.user.clone());
         let bucket_key = self.quota.key(op_id, &slot.key.app, &slot.key.user);
@@ -504,21 +567,6 @@ impl Gateway {
             *slot = resp.headers().get(name).cloned();
         }
         resp
-    }
-}
-
-/// The app a request acts through: `X-Meetgate-App` when given, else the first configured.
-fn select_app<'a>(apps: &'a [AppEntry], headers: &HeaderMap) -> Result<&'a AppEntry, GatewayError> {
-    match headers.get(X_MEETGATE_APP) {
-        None => apps
-            .first()
-            .ok_or(GatewayError::Forbidden("no app is configured")),
-        Some(v) => apps
-            .iter()
-            .find(|e| e.app.name.as_bytes() == v.as_bytes())
-            .ok_or(GatewayError::Forbidden(
-                "X-Meetgate-App names no configured app",
-            )),
     }
 }
 

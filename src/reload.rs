@@ -28,7 +28,17 @@ fn watched_files(source: &ConfigSource, config: &Config) -> Vec<PathBuf> {
         KeySource::File(p) => Some(p.clone()),
         _ => None,
     }));
+    files.extend(config.clients.iter().filter_map(
+        |c| match c.sdk.as_ref().map(|s| &s.key_source) {
+            Some(KeySource::File(p)) => Some(p.clone()),
+            _ => None,
+        },
+    ));
     files.extend(config.upstream.ca_file.clone());
+    if let Some(tls) = &config.tls {
+        files.push(tls.cert_file.clone());
+        files.push(tls.key_file.clone());
+    }
     files
 }
 
@@ -55,6 +65,7 @@ pub fn reload_now(gateway: &Gateway, source: &ConfigSource, why: &str) -> bool {
             tracing::info!(
                 trigger = why,
                 apps_changed = ?summary.apps_changed,
+                clients_changed = summary.clients_changed,
                 quota_changed = summary.quota_changed,
                 needs_restart = ?summary.needs_restart,
                 "Configuration reloaded"

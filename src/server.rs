@@ -14,11 +14,36 @@ use tokio::net::TcpListener;
 
 use crate::proxy::Gateway;
 
+/// TLS on the proxy listener.
+#[derive(Clone)]
+pub struct Tls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub handshake_timeout: Duration,
+}
+
+impl Tls {
+    /// rustls (ring) with ALPN h2 and http/1.1.
+    pub fn new(cfg: &crate::config::TlsConfig) -> Result<Tls, rustls::Error> {
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(cfg.certs.clone(), cfg.key.clone_key())?;
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            handshake_timeout: cfg.handshake_timeout,
+        })
+    }
+}
+
 /// Serves `listener` until `shutdown` resolves, then lets in-flight requests finish for up to
 /// `grace`. Returns whether every connection closed within the grace period.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> bool {
@@ -52,13 +77,42 @@ pub async fn serve(
                     let gw = gw.clone();
                     async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "Connection ended with an error");
+                match &tls {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        let conn = graceful.watch(conn);
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(%peer, error = %e, "Connection ended with an error");
+                            }
+                        });
                     }
-                });
+                    Some(tls) => {
+                        // The handshake runs in the connection's task, under its own timeout,
+                        // so a slow client never holds up accepting.
+                        let acceptor = tls.acceptor.clone();
+                        let timeout = tls.handshake_timeout;
+                        let builder = builder.clone();
+                        let watcher = graceful.watcher();
+                        tokio::spawn(async move {
+                            let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                            if let Err(e) = watcher.watch(conn).await {
+                                tracing::debug!(%peer, error = %e, "Connection ended with an error");
+                            }
+                        });
+                    }
+                }
             }
         }
     }

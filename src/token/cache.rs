@@ -475,6 +475,8 @@ mod tests {
 
     fn cfg() -> TokenConfig {
         TokenConfig {
+            max_identities: 3,
+            identity_idle: Duration::from_secs(60),
             refresh_at: 0.8,
             refresh_jitter: 0.05,
             signature_lifetime: Duration::from_secs(600),

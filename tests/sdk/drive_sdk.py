@@ -11,7 +11,8 @@ the calls below run in order. One JSON object goes to stdout:
 
     {"ok": bool, "calls": [{"operation", "method", "path", "status", "request_id",
                             ["error_code", "error_msg"]}, ...],
-     "http": [every HTTP exchange the SDK made, sign-in included: method, path, status, request_id],
+     "http": [every HTTP exchange the SDK made, sign-in included:
+              method, path, query, status, request_id],
      "error": "..." | null}
 
 Exit status: 0 if every call returned 2xx, 1 if any call failed, 2 on bad usage.
@@ -19,10 +20,14 @@ Exit status: 0 if every call returned 2xx, 1 if any call failed, 2 on bad usage.
 
 # The SDK writes ~/.huaweicloud/application_id (its User-Agent's app/<uuid>): point HOME at a
 # fresh temporary directory before anything from the SDK is imported or used.
+import atexit
 import os
+import shutil
 import tempfile
 
-os.environ["HOME"] = tempfile.mkdtemp(prefix="drive-sdk-home-")
+_HOME = tempfile.mkdtemp(prefix="drive-sdk-home-")
+os.environ["HOME"] = _HOME
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -100,6 +105,7 @@ class Recorder:
         self.exchanges.append({
             "method": resp.request.method,
             "path": urlsplit(resp.request.url).path,
+            "query": urlsplit(resp.request.url).query,
             "status": resp.status_code,
             "request_id": resp.headers.get("X-Request-Id"),
         })
@@ -121,6 +127,8 @@ def main():
     config.timeout = (10, 30)
     if args.insecure:
         config.ignore_ssl_verification = True
+        import urllib3  # a dependency of the SDK; silence its per-request warning
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     elif args.ca_file:
         config.ssl_ca_cert = args.ca_file
 

@@ -1,0 +1,216 @@
+//! Who is calling and what they may do: bearer keys (kept only as SHA-256, compared in constant
+//! time) and SDK session tokens, checked against each client's apps, users and operations.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{ClientConfig, Config};
+use crate::error::GatewayError;
+use crate::headers::{X_ACCESS_TOKEN, X_MEETGATE_APP, X_MEETGATE_USER};
+use crate::session::{Session, SessionStore};
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No clients are configured: whoever reaches the (loopback) listener.
+    Anonymous,
+    /// A configured client, by bearer key or by a session it signed in for.
+    Client {
+        client: Arc<ClientConfig>,
+        session: Option<Arc<Session>>,
+    },
+}
+
+impl Caller {
+    /// The configured client, unless anonymous.
+    pub fn client(&self) -> Option<&Arc<ClientConfig>> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::Client { client, .. } => Some(client),
+        }
+    }
+}
+
+/// Which upstream identity a request acts as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub app: String,
+    /// `None`: the app's default user.
+    pub user: Option<String>,
+}
+
+/// The clients of the configuration in force.
+pub struct AccessRules {
+    clients: Vec<Arc<ClientConfig>>,
+}
+
+const UNAUTHENTICATED: &str = "a client key (Authorization: Bearer) or a session token is required";
+
+impl AccessRules {
+    pub fn new(config: &Config) -> AccessRules {
+        AccessRules {
+            clients: config.clients.iter().cloned().map(Arc::new).collect(),
+        }
+    }
+
+    pub fn open(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    pub fn has_sdk_clients(&self) -> bool {
+        self.clients.iter().any(|c| c.sdk.is_some())
+    }
+
+    pub fn client(&self, name: &str) -> Option<&Arc<ClientConfig>> {
+        self.clients.iter().find(|c| &*c.name == name)
+    }
+
+    /// The client whose SDK credentials carry `app_id`.
+    pub fn sdk_client(&self, app_id: &str) -> Option<&Arc<ClientConfig>> {
+        self.clients
+            .iter()
+            .find(|c| c.sdk.as_ref().is_some_and(|s| s.app_id == app_id))
+    }
+
+    /// Authenticates a request from its headers; the upstream is never contacted for a refusal.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        sessions: &SessionStore,
+        now_ms: u64,
+    ) -> Result<Caller, GatewayError> {
+        if self.open() {
+            return Ok(Caller::Anonymous);
+        }
+        if let Some(key) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        {
+            let presented: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+            // Compare against every client so the time taken does not say which one matched.
+            let mut found = None;
+            for c in &self.clients {
+                if let Some(expected) = &c.key_sha256 {
+                    if bool::from(expected.ct_eq(&presented)) {
+                        found = Some(c.clone());
+                    }
+                }
+            }
+            return found
+                .map(|client| Caller::Client {
+                    client,
+                    session: None,
+                })
+                .ok_or(GatewayError::Unauthenticated("unknown client key"));
+        }
+        if let Some(token) = headers.get(X_ACCESS_TOKEN).and_then(|v| v.to_str().ok()) {
+            let session = sessions
+                .find(token.trim(), now_ms)
+                .ok_or(GatewayError::SessionInvalid)?;
+            let client = self
+                .client(&session.client)
+                .cloned()
+                .ok_or(GatewayError::SessionInvalid)?;
+            return Ok(Caller::Client {
+                client,
+                session: Some(session),
+            });
+        }
+        Err(GatewayError::Unauthenticated(UNAUTHENTICATED))
+    }
+
+    /// Decides the identity a request acts as and whether the caller may call `operation`.
+    /// `default_user` gives each app's default user.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        headers: &HeaderMap,
+        default_user: impl Fn(&str) -> Option<String>,
+    ) -> Result<Identity, GatewayError> {
+        let asked_app = header_str(headers, &X_MEETGATE_APP)?;
+        let asked_user = header_str(headers, &X_MEETGATE_USER)?;
+        match caller {
+            Caller::Anonymous => Ok(Identity {
+                app: match asked_app {
+                    Some(a) => a.to_owned(),
+                    None => String::new(),
+                },
+                user: asked_user.map(str::to_owned),
+            }),
+            Caller::Client { client, session } => {
+                if let Some(ops) = &client.operations {
+                    if !ops.matches(operation) {
+                        return Err(GatewayError::Forbidden(
+                            "this client may not call this operation",
+                        ));
+                    }
+                }
+                if let Some(s) = session {
+                    // A session fixes its identity; the headers may only repeat it.
+                    if asked_app.is_some_and(|a| a != &*s.app)
+                        || asked_user.is_some_and(|u| u != &*s.user)
+                    {
+                        return Err(GatewayError::Forbidden(
+                            "a session acts only as the identity it signed in as",
+                        ));
+                    }
+                    return Ok(Identity {
+                        app: s.app.to_string(),
+                        user: Some(s.user.to_string()),
+                    });
+                }
+                let app = match asked_app {
+                    Some(a) if client.apps.iter().any(|x| x == a) => a.to_owned(),
+                    Some(_) => {
+                        return Err(GatewayError::Forbidden("this client may not use that app"))
+                    }
+                    None => client
+                        .apps
+                        .first()
+                        .cloned()
+                        .ok_or(GatewayError::Forbidden("this client may use no app"))?,
+                };
+                let user = self.check_user(client, &app, asked_user, &default_user)?;
+                Ok(Identity { app, user })
+            }
+        }
+    }
+
+    /// Whether `client` may act as `user` (None: the app's default) through `app`.
+    pub fn check_user(
+        &self,
+        client: &ClientConfig,
+        app: &str,
+        user: Option<&str>,
+        default_user: &impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<String>, GatewayError> {
+        let Some(user) = user else { return Ok(None) };
+        let default = default_user(app);
+        if default.as_deref() == Some(user) {
+            return Ok(None);
+        }
+        match &client.users {
+            Some(p) if p.matches(user) => Ok(Some(user.to_owned())),
+            _ => Err(GatewayError::Forbidden(
+                "this client may not act as that user",
+            )),
+        }
+    }
+}
+
+fn header_str<'a>(
+    headers: &'a HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Option<&'a str>, GatewayError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.trim())).map_err(|_| {
+            GatewayError::BadRequest("X-Meetgate-App and X-Meetgate-User must be visible ASCII")
+        }),
+    }
+}
