@@ -145,6 +145,7 @@ pub struct Slot {
     flight: tokio::sync::Mutex<Flight>,
     wake: Arc<Notify>,
     generation: AtomicU64,
+    last_used_ms: AtomicU64,
 }
 
 impl Slot {
@@ -201,7 +202,7 @@ impl TokenCache {
         background: bool,
         metrics: Arc<Metrics>,
     ) -> TokenCache {
-        TokenCache {
+        let cache = TokenCache {
             inner: Arc::new(Inner {
                 auth,
                 clock,
@@ -211,7 +212,22 @@ impl TokenCache {
                 stats: TokenStats::default(),
                 metrics,
             }),
+        };
+        if background {
+            let weak = Arc::downgrade(&cache.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(30));
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let gone = TokenCache { inner }.evict_idle();
+                    if gone > 0 {
+                        tracing::debug!(gone, "Dropped idle identities' tokens");
+                    }
+                }
+            });
         }
+        cache
     }
 
     /// Applies a reloaded app: every slot of that app uses the new credentials, and when they
@@ -271,7 +287,11 @@ impl TokenCache {
             flight: tokio::sync::Mutex::new(Flight::default()),
             wake: Arc::new(Notify::new()),
             generation: AtomicU64::new(0),
+            last_used_ms: AtomicU64::new(self.inner.clock.now_ms()),
         });
+        if slots.len() >= self.inner.cfg.max_identities {
+            evict(&mut slots, self.inner.clock.now_ms(), &self.inner.cfg, true);
+        }
         slots.insert(probe, slot.clone());
         if self.inner.background {
             tokio::spawn(refresher(
@@ -281,6 +301,30 @@ impl TokenCache {
             ));
         }
         slot
+    }
+
+    /// Drops identities idle for longer than `token.identity_idle` (their refreshers end with
+    /// them). Slots in use elsewhere, such as the apps' default identities, are kept.
+    pub fn evict_idle(&self) -> usize {
+        let mut slots = self
+            .inner
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        evict(
+            &mut slots,
+            self.inner.clock.now_ms(),
+            &self.inner.cfg,
+            false,
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.slots.lock().map_or(0, |s| s.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Every slot's key and current token, for readiness and metrics.
@@ -303,8 +347,10 @@ impl TokenCache {
     /// A valid token for the slot. Returns at once while the current token is valid (a due
     /// refresh runs in the background); otherwise waits for the one sign-in in flight.
     pub async fn get(&self, slot: &Slot) -> Result<Arc<Token>, GatewayError> {
+        let now = self.inner.clock.now_ms();
+        slot.last_used_ms.store(now, Ordering::Relaxed);
         if let Some(token) = slot.current() {
-            match freshness(&token, self.inner.clock.now_ms()) {
+            match freshness(&token, now) {
                 Freshness::Fresh => return Ok(token),
                 Freshness::RefreshDue => {
                     slot.wake.notify_one();
@@ -433,6 +479,35 @@ impl Inner {
                 .unwrap_or_else(|| "sign-in pending".into()),
         }
     }
+}
+
+/// Removes idle slots nobody else holds; with `make_room`, also the least recently used ones
+/// until the map is below `max_identities`. Returns how many went.
+fn evict(
+    slots: &mut HashMap<TokenKey, Arc<Slot>>,
+    now_ms: u64,
+    cfg: &TokenConfig,
+    make_room: bool,
+) -> usize {
+    let before = slots.len();
+    let idle_ms = cfg.identity_idle.as_millis() as u64;
+    slots.retain(|_, s| {
+        Arc::strong_count(s) > 1
+            || now_ms.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) < idle_ms
+    });
+    if make_room && slots.len() >= cfg.max_identities {
+        let mut unused: Vec<(u64, TokenKey)> = slots
+            .iter()
+            .filter(|(_, s)| Arc::strong_count(s) == 1)
+            .map(|(k, s)| (s.last_used_ms.load(Ordering::Relaxed), k.clone()))
+            .collect();
+        unused.sort_by_key(|(t, _)| *t);
+        let excess = slots.len() + 1 - cfg.max_identities;
+        for (_, k) in unused.into_iter().take(excess) {
+            slots.remove(&k);
+        }
+    }
+    before - slots.len()
 }
 
 /// Keeps one slot's token fresh without traffic: signs in at start, refreshes at `refresh_at`,
@@ -636,6 +711,31 @@ mod tests {
         cache.invalidate(&slot, t1.generation);
         assert_eq!(cache.get(&slot).await.expect("token").generation, 2);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn identities_are_bounded_and_idle_ones_dropped() {
+        let (cache, _fake, clock) = setup(100);
+        let app = app();
+        let pinned = cache.slot(&app, "");
+        for user in ["u1", "u2", "u3", "u4"] {
+            let s = cache.slot(&app, user);
+            cache.get(&s).await.expect("token");
+            clock.advance_ms(10);
+        }
+        // max_identities is 3: the least recently used unpinned ones made room.
+        assert_eq!(cache.len(), 3);
+        let keys: Vec<String> = cache
+            .snapshot()
+            .iter()
+            .map(|(k, _)| format!("{k:?}"))
+            .collect();
+        assert!(keys.contains(&"default/".to_owned()), "{keys:?}");
+        assert!(keys.contains(&"default/u4".to_owned()), "{keys:?}");
+        clock.advance_ms(61_000);
+        assert_eq!(cache.evict_idle(), 2);
+        assert_eq!(cache.len(), 1, "only the pinned default identity is left");
+        drop(pinned);
     }
 
     #[test]

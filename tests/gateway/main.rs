@@ -1,6 +1,7 @@
 //! Integration tests: the gateway in-process against the embedded simulator over real TLS on
 //! ephemeral loopback ports.
 
+mod access;
 mod cli;
 mod forwarding;
 mod logs;

@@ -64,6 +64,8 @@ pub struct GatewayOptions {
     pub apps: Option<String>,
     /// Extra `[upstream]` keys.
     pub upstream: String,
+    /// Top-level keys (before any table).
+    pub top: String,
     /// The `[quota]` section; by default limits so high they never bind.
     pub quota: String,
 }
@@ -79,13 +81,21 @@ impl Default for GatewayOptions {
             trust_sim: true,
             apps: None,
             upstream: String::new(),
+            top: String::new(),
             quota: NO_BINDING_QUOTA.to_owned(),
         }
     }
 }
 
 pub fn env() -> HashMap<String, String> {
-    HashMap::from([(KEY_ENV.to_owned(), APP_KEY.to_owned())])
+    HashMap::from([
+        (KEY_ENV.to_owned(), APP_KEY.to_owned()),
+        // The gateway key of the SDK-style test client (tests/gateway/access.rs).
+        (
+            "TEST_SDK_CLIENT_KEY".to_owned(),
+            "gateway-issued-sdk-key-9a8b7c".to_owned(),
+        ),
+    ])
 }
 
 /// Writes the config a test gateway runs with and loads it through the real loader.
@@ -108,10 +118,10 @@ pub fn gateway_config(
         )
     });
     let toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nreload_interval = \"50ms\"\n\
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\nreload_interval = \"50ms\"\n{}\n\
          [upstream]\nurl = \"{sim_url}\"\n{ca_line}connect_timeout = \"2s\"\nrequest_timeout = \"5s\"\n{}\n\
          [token]\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\n{}\n{}\n{apps}",
-        opts.upstream, opts.quota, opts.extra
+        opts.top, opts.upstream, opts.quota, opts.extra
     );
     let path = dir.join("meetgate.toml");
     std::fs::write(&path, &toml).expect("write config");
@@ -290,8 +300,13 @@ pub type TlsClient = Client<
 
 /// A client that talks to the simulator directly, trusting its CA: "another consumer".
 pub fn sim_client(sim: &SimHandle) -> TlsClient {
+    tls_client(sim.ca_pem())
+}
+
+/// An HTTPS client trusting `ca_pem` (HTTP/1.1).
+pub fn tls_client(ca_pem: &str) -> TlsClient {
     use rustls_pki_types::pem::PemObject;
-    let roots = rustls_pki_types::CertificateDer::pem_slice_iter(sim.ca_pem().as_bytes())
+    let roots = rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("CA PEM");
     let mut tls = meetgate::upstream::tls_config(&roots).expect("tls config");
