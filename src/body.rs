@@ -16,12 +16,20 @@ use crate::error::GatewayError;
 pub enum ProxyBody {
     /// Fully buffered: cheap to clone for a replay.
     Full(Option<Bytes>),
-    /// Too large to buffer: what was read already, then the rest of the client's stream.
+    /// Too large to buffer: what was read already, then the rest of the client's stream,
+    /// cut off with [`TooLarge`] past `max` bytes in all.
     Stream {
         prefix: Option<Bytes>,
         rest: Incoming,
+        seen: u64,
+        max: u64,
     },
 }
+
+/// The client's body went past `limits.max_body_bytes` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds {0} bytes")]
+pub struct TooLarge(pub u64);
 
 impl ProxyBody {
     pub fn empty() -> ProxyBody {
@@ -39,19 +47,35 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Stream { prefix, rest } => {
+            ProxyBody::Stream {
+                prefix,
+                rest,
+                seen,
+                max,
+            } => {
                 if let Some(p) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
-                Pin::new(rest).poll_frame(cx)
+                match Pin::new(rest).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        *seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if *seen > *max {
+                            return Poll::Ready(Some(Err(Box::new(TooLarge(*max)))));
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
             }
         }
     }
@@ -59,14 +83,14 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Full(b) => b.is_none(),
-            ProxyBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ProxyBody::Stream { prefix, rest, .. } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Stream { prefix, rest } => {
+            ProxyBody::Stream { prefix, rest, .. } => {
                 let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();
@@ -82,14 +106,24 @@ impl Body for ProxyBody {
 
 /// Reads the client's body into memory when it fits `replay_limit`, so the request can be
 /// replayed; a larger (or larger-announced) body streams instead.
-pub async fn prepare(mut body: Incoming, replay_limit: usize) -> Result<ProxyBody, GatewayError> {
+pub async fn prepare(
+    mut body: Incoming,
+    replay_limit: usize,
+    max: usize,
+) -> Result<ProxyBody, GatewayError> {
     if body.is_end_stream() {
         return Ok(ProxyBody::empty());
+    }
+    // A declared length over the maximum is refused before anything goes upstream.
+    if body.size_hint().lower() > max as u64 {
+        return Err(GatewayError::BodyTooLarge { limit: max });
     }
     if body.size_hint().lower() > replay_limit as u64 {
         return Ok(ProxyBody::Stream {
             prefix: None,
             rest: body,
+            seen: 0,
+            max: max as u64,
         });
     }
     let mut first: Option<Bytes> = None;
@@ -113,11 +147,16 @@ pub async fn prepare(mut body: Incoming, replay_limit: usize) -> Result<ProxyBod
             None => buf.extend_from_slice(&data),
         }
         let held = first.as_ref().map_or(buf.len(), Bytes::len);
+        if held > max {
+            return Err(GatewayError::BodyTooLarge { limit: max });
+        }
         if held > replay_limit {
             let prefix = first.take().unwrap_or_else(|| buf.split().freeze());
             return Ok(ProxyBody::Stream {
+                seen: prefix.len() as u64,
                 prefix: Some(prefix),
                 rest: body,
+                max: max as u64,
             });
         }
     }

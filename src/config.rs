@@ -95,6 +95,7 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     tls_timeout: Option<String>,
     request_timeout: Option<String>,
+    body_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
 }
@@ -116,6 +117,12 @@ struct RawToken {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     replay_body_bytes: Option<usize>,
+    max_body_bytes: Option<usize>,
+    header_read_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_connections: Option<usize>,
+    max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,6 +214,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub tls_timeout: Duration,
     pub request_timeout: Duration,
+    /// Longest silence while the upstream streams a response body.
+    pub body_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
 }
@@ -233,6 +242,18 @@ pub struct TokenConfig {
 pub struct LimitsConfig {
     /// Request bodies up to this size are buffered so a request can be replayed.
     pub replay_body_bytes: usize,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// Longest wait for a request's headers, and so for an idle keep-alive connection.
+    pub header_read_timeout: Duration,
+    /// Most bytes of request headers (431 beyond).
+    pub max_header_bytes: usize,
+    /// Most request header fields (431 beyond).
+    pub max_headers: usize,
+    /// Most open client connections; more get 503 and are closed.
+    pub max_connections: usize,
+    /// Most requests handled at once; more get 503 at once.
+    pub max_concurrent_requests: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -616,7 +637,52 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
             "must be at most 67108864 (64 MiB): each buffered request holds this much memory",
         );
     }
-    let limits = LimitsConfig { replay_body_bytes };
+    let l = raw.limits;
+    let max_body_bytes = l.max_body_bytes.unwrap_or(16 << 20);
+    if max_body_bytes == 0 {
+        c.problem("limits.max_body_bytes", 0, "must be at least 1");
+    }
+    let max_header_bytes = l.max_header_bytes.unwrap_or(16 * 1024);
+    if !(8192..=1 << 20).contains(&max_header_bytes) {
+        c.problem(
+            "limits.max_header_bytes",
+            max_header_bytes,
+            "must be between 8192 and 1048576",
+        );
+    }
+    let max_headers = l.max_headers.unwrap_or(100);
+    if !(8..=1000).contains(&max_headers) {
+        c.problem(
+            "limits.max_headers",
+            max_headers,
+            "must be between 8 and 1000",
+        );
+    }
+    let positive = |c: &mut Checker, key: &str, v: Option<usize>, default: usize| {
+        let v = v.unwrap_or(default);
+        if v == 0 {
+            c.problem(key, 0, "must be at least 1");
+        }
+        v.max(1)
+    };
+    let limits = LimitsConfig {
+        replay_body_bytes,
+        max_body_bytes,
+        header_read_timeout: c.duration(
+            "limits.header_read_timeout",
+            l.header_read_timeout.as_deref(),
+            "10s",
+        ),
+        max_header_bytes,
+        max_headers,
+        max_connections: positive(&mut c, "limits.max_connections", l.max_connections, 4096),
+        max_concurrent_requests: positive(
+            &mut c,
+            "limits.max_concurrent_requests",
+            l.max_concurrent_requests,
+            1024,
+        ),
+    };
     let quota = validate_quota(&mut c, raw.quota);
 
     if raw.apps.is_empty() {
@@ -1210,6 +1276,7 @@ fn validate_upstream(c: &mut Checker, u: RawUpstream) -> UpstreamConfig {
             u.request_timeout.as_deref(),
             "30s",
         ),
+        body_timeout: c.duration("upstream.body_timeout", u.body_timeout.as_deref(), "30s"),
         pool_idle_timeout: c.duration(
             "upstream.pool_idle_timeout",
             u.pool_idle_timeout.as_deref(),
@@ -1299,6 +1366,7 @@ struct PrintedUpstream {
     connect_timeout: String,
     tls_timeout: String,
     request_timeout: String,
+    body_timeout: String,
     pool_idle_timeout: String,
     pool_max_idle_per_host: usize,
 }
@@ -1316,6 +1384,12 @@ struct PrintedToken {
 #[derive(Serialize)]
 struct PrintedLimits {
     replay_body_bytes: usize,
+    max_body_bytes: usize,
+    header_read_timeout: String,
+    max_header_bytes: usize,
+    max_headers: usize,
+    max_connections: usize,
+    max_concurrent_requests: usize,
 }
 
 #[derive(Serialize)]
@@ -1386,6 +1460,7 @@ impl Config {
                 connect_timeout: dur(u.connect_timeout),
                 tls_timeout: dur(u.tls_timeout),
                 request_timeout: dur(u.request_timeout),
+                body_timeout: dur(u.body_timeout),
                 pool_idle_timeout: dur(u.pool_idle_timeout),
                 pool_max_idle_per_host: u.pool_max_idle_per_host,
             },
@@ -1399,6 +1474,12 @@ impl Config {
             },
             limits: PrintedLimits {
                 replay_body_bytes: self.limits.replay_body_bytes,
+                max_body_bytes: self.limits.max_body_bytes,
+                header_read_timeout: dur(self.limits.header_read_timeout),
+                max_header_bytes: self.limits.max_header_bytes,
+                max_headers: self.limits.max_headers,
+                max_connections: self.limits.max_connections,
+                max_concurrent_requests: self.limits.max_concurrent_requests,
             },
             quota: PrintedQuota {
                 enabled: self.quota.enabled,

@@ -57,6 +57,8 @@ pub enum GatewayError {
     /// upstream's invalid token, so SDKs that re-authenticate on it do so.
     #[error("session token invalid or expired; sign in again")]
     SessionInvalid,
+    #[error("the gateway is at its limit of concurrent requests; retry shortly")]
+    Overloaded,
 }
 
 /// `Retry-After` in whole seconds, rounded up, at least 1.
@@ -77,7 +79,9 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::ShuttingDown | GatewayError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Unauthenticated(_) | GatewayError::SessionInvalid => {
                 StatusCode::UNAUTHORIZED
             }
@@ -100,6 +104,7 @@ impl GatewayError {
             GatewayError::ShuttingDown => "MEETGATE.SHUTTING_DOWN",
             GatewayError::Unauthenticated(_) => "MEETGATE.UNAUTHENTICATED",
             GatewayError::SessionInvalid => "USG.000000004",
+            GatewayError::Overloaded => "MEETGATE.OVERLOADED",
         }
     }
 

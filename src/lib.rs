@@ -108,7 +108,15 @@ pub async fn serve(
         }
         None => None,
     };
-    let drained = server::serve(listener, gateway, tls, shutdown, config.shutdown_grace).await;
+    let drained = server::serve(
+        listener,
+        gateway,
+        tls,
+        &config.limits,
+        shutdown,
+        config.shutdown_grace,
+    )
+    .await;
     let _ = admin_stop.send(());
     if drained {
         tracing::info!("Drained; exiting");

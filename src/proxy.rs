@@ -11,6 +11,8 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use secrecy::ExposeSecret;
+use tokio::sync::Semaphore;
+use tower_http::timeout::TimeoutBody;
 
 use crate::access::AccessRules;
 use crate::body::{self, ProxyBody};
@@ -28,7 +30,8 @@ use crate::token::{Slot, TokenCache, UpstreamAuthenticator};
 use crate::upstream::{read_body, Upstream, UpstreamBuildError};
 
 /// What the gateway answers with: the upstream's streamed body, or one it built itself.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+/// The upstream's body is watched for silence longer than `upstream.body_timeout`.
+pub type ResponseBody = Either<TimeoutBody<Incoming>, Full<Bytes>>;
 
 /// The upstream's code for an invalid or expired access token.
 const TOKEN_INVALID_CODE: &str = "USG.000000004";
@@ -71,6 +74,8 @@ pub struct Gateway {
     sdk: SdkAuth,
     metrics: Arc<Metrics>,
     anonymous: Arc<str>,
+    /// Requests handled at once; beyond `limits.max_concurrent_requests`, 503 at once.
+    requests: Arc<Semaphore>,
 }
 
 /// Per-request facts gathered on the way, for the one access-log line.
@@ -146,6 +151,9 @@ impl Gateway {
             sdk: SdkAuth::new(&config_for_access.sdk),
             metrics,
             anonymous: Arc::from("-"),
+            requests: Arc::new(Semaphore::new(
+                config_for_access.limits.max_concurrent_requests,
+            )),
         }))
     }
 
@@ -346,7 +354,12 @@ impl Gateway {
         };
         let metrics = self.metrics.clone();
         metrics.in_flight.inc();
-        let (resp, error) = match self.handle_inner(req, &mut ctx).await {
+        let permit = self.requests.clone().try_acquire_owned();
+        let result = match permit {
+            Ok(_permit) => self.handle_inner(req, &mut ctx).await,
+            Err(_) => Err(GatewayError::Overloaded),
+        };
+        let (resp, error) = match result {
             Ok(resp) => (resp, None),
             Err(e) => {
                 let code = e.code();
@@ -371,6 +384,13 @@ impl Gateway {
         let (mut parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
+        }
+        // HTTP/1 absolute-form targets are for forward proxies; meetgate is not one. (In h2
+        // every request carries an authority, and it plays no part in routing.)
+        if parts.version < Version::HTTP_2 && parts.uri.authority().is_some() {
+            return Err(GatewayError::BadRequest(
+                "absolute-form request targets are not accepted: send the path only",
+            ));
         }
         let op_id = self
             .ops
@@ -434,7 +454,12 @@ impl Gateway {
         let bucket_key = self.quota.key(op_id, &slot.key.app, &slot.key.user);
         let deadline = ctx.start + config.quota.max_wait;
 
-        let body = body::prepare(body, config.limits.replay_body_bytes).await?;
+        let body = body::prepare(
+            body,
+            config.limits.replay_body_bytes,
+            config.limits.max_body_bytes,
+        )
+        .await?;
         let replay_body = body.replayable();
 
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -483,7 +508,11 @@ impl Gateway {
 
             let status = resp.status();
             if status != StatusCode::UNAUTHORIZED && status != StatusCode::TOO_MANY_REQUESTS {
-                return Ok(self.finish(resp.map(Either::Left), ctx));
+                let body_timeout = config.upstream.body_timeout;
+                return Ok(self.finish(
+                    resp.map(|b| Either::Left(TimeoutBody::new(body_timeout, b))),
+                    ctx,
+                ));
             }
             // Both mean the upstream did not process the request: read the small error body
             // to be sure, then replay when the body allows it.

@@ -171,6 +171,11 @@ impl Upstream {
 fn classify(err: &hyper_util::client::legacy::Error) -> GatewayError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
     while let Some(s) = source {
+        if let Some(too_large) = s.downcast_ref::<crate::body::TooLarge>() {
+            return GatewayError::BodyTooLarge {
+                limit: usize::try_from(too_large.0).unwrap_or(usize::MAX),
+            };
+        }
         if let Some(ce) = s.downcast_ref::<ConnectError>() {
             return match ce {
                 ConnectError::Timeout(phase, after) => GatewayError::UpstreamTimeout {

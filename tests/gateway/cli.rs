@@ -97,7 +97,10 @@ fn every_shipped_config_loads() {
     let key_dir = tempfile::tempdir().expect("tempdir");
     let mut env = env();
     env.insert("MEETGATE_APP_KEY".into(), "example-key".into());
-    env.insert("MEETGATE_CLIENT_SDK_TEAM_KEY".into(), "example-client-key".into());
+    env.insert(
+        "MEETGATE_CLIENT_SDK_TEAM_KEY".into(),
+        "example-client-key".into(),
+    );
     let mut loaded = 0;
     for entry in std::fs::read_dir(&dir).expect("config/ exists") {
         let path = entry.expect("entry").path();
