@@ -2,6 +2,8 @@
 //! beyond it.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -23,6 +25,8 @@ pub enum ProxyBody {
         rest: Incoming,
         seen: u64,
         max: u64,
+        /// Set when `max` was passed, for callers that only see a protocol error.
+        exceeded: Arc<AtomicBool>,
     },
 }
 
@@ -60,6 +64,7 @@ impl Body for ProxyBody {
                 rest,
                 seen,
                 max,
+                exceeded,
             } => {
                 if let Some(p) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
@@ -68,6 +73,7 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame))) => {
                         *seen += frame.data_ref().map_or(0, |d| d.len() as u64);
                         if *seen > *max {
+                            exceeded.store(true, Ordering::Relaxed);
                             return Poll::Ready(Some(Err(Box::new(TooLarge(*max)))));
                         }
                         Poll::Ready(Some(Ok(frame)))
@@ -107,6 +113,7 @@ impl Body for ProxyBody {
 /// Reads the client's body into memory when it fits `replay_limit`, so the request can be
 /// replayed; a larger (or larger-announced) body streams instead.
 pub async fn prepare(
+    exceeded: Arc<AtomicBool>,
     mut body: Incoming,
     replay_limit: usize,
     max: usize,
@@ -124,6 +131,7 @@ pub async fn prepare(
             rest: body,
             seen: 0,
             max: max as u64,
+            exceeded,
         });
     }
     let mut first: Option<Bytes> = None;
@@ -157,6 +165,7 @@ pub async fn prepare(
                 prefix: Some(prefix),
                 rest: body,
                 max: max as u64,
+                exceeded,
             });
         }
     }

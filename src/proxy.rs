@@ -385,6 +385,15 @@ impl Gateway {
         if parts.method == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
         }
+        // Both framings at once is the classic request-smuggling shape (RFC 9112 §6.3): refuse
+        // rather than pick one, since a server behind us might pick the other.
+        if parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            return Err(GatewayError::BadRequest(
+                "Content-Length and Transfer-Encoding together are not accepted",
+            ));
+        }
         // HTTP/1 absolute-form targets are for forward proxies; meetgate is not one. (In h2
         // every request carries an authority, and it plays no part in routing.)
         if parts.version < Version::HTTP_2 && parts.uri.authority().is_some() {
@@ -454,7 +463,9 @@ impl Gateway {
         let bucket_key = self.quota.key(op_id, &slot.key.app, &slot.key.user);
         let deadline = ctx.start + config.quota.max_wait;
 
+        let too_large = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let body = body::prepare(
+            too_large.clone(),
             body,
             config.limits.replay_body_bytes,
             config.limits.max_body_bytes,
@@ -500,7 +511,15 @@ impl Gateway {
             let sent = Instant::now();
             let result = self.upstream.send(req).await;
             ctx.upstream_time += sent.elapsed();
-            let resp = result?;
+            let resp = match result {
+                // However the protocol reported the aborted stream, the cause was the body cap.
+                Err(_) if too_large.load(std::sync::atomic::Ordering::Relaxed) => {
+                    return Err(GatewayError::BodyTooLarge {
+                        limit: config.limits.max_body_bytes,
+                    })
+                }
+                other => other?,
+            };
             if let Some(a) = &admission {
                 self.quota.observe(a, resp.headers());
             }

@@ -3,7 +3,9 @@
 
 mod access;
 mod cli;
+mod deploy;
 mod forwarding;
+mod hardening;
 mod logs;
 mod operate;
 mod quota;
