@@ -1733,3 +1733,38 @@ mod tests {
             .any(|p| p.starts_with("apps[1].name = \"x\": duplicate")));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_text_loads_or_errors_without_panicking(text in ".{0,400}") {
+            let _ = load_str(&text, &HashMap::new());
+        }
+
+        #[test]
+        fn bad_values_are_reported_with_their_key(
+            key in prop::sample::select(vec![
+                "connect_timeout", "tls_timeout", "request_timeout", "body_timeout", "pool_idle_timeout",
+            ]),
+            value in "[a-z]{1,8}",
+        ) {
+            let text = format!("[upstream]\n{key} = \"{value}\"\n[[apps]]\napp_id = \"a\"\napp_key = \"k\"\n");
+            let problems = load_str(&text, &HashMap::new()).expect_err("invalid").problems();
+            let expected = format!("upstream.{key} = \"{value}\"");
+            prop_assert!(problems.iter().any(|p| p.starts_with(&expected)), "{:?}", problems);
+        }
+
+        #[test]
+        fn unknown_keys_are_named(name in "[a-z]{3,12}_x") {
+            let text = format!("{name} = 1\n[[apps]]\napp_id = \"a\"\napp_key = \"k\"\n");
+            let err = load_str(&text, &HashMap::new()).expect_err("unknown key");
+            prop_assert!(err.to_string().contains(&name), "{}", err);
+        }
+    }
+}

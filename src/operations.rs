@@ -377,3 +377,60 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rows() -> Vec<(Method, &'static str)> {
+        OperationTable::global()
+            .all()
+            .filter(|(_, op)| op.kind != OperationKind::Unlisted)
+            .map(|(_, op)| (op.method.clone(), op.path_template))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn any_input_classifies_without_panicking(path in ".{0,300}", m in 0usize..5) {
+            let method = [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::PATCH][m].clone();
+            let _ = OperationTable::global().classify(&method, &path);
+        }
+
+        #[test]
+        fn concrete_paths_classify_to_their_row(i in 0usize..202, param in "p[A-Za-z0-9_@.-]{0,20}") {
+            let rows = rows();
+            let (method, template) = &rows[i % rows.len()];
+            let path = template
+                .split('/')
+                .map(|s| if s.starts_with('{') { param.as_str() } else { s })
+                .collect::<Vec<_>>()
+                .join("/");
+            let t = OperationTable::global();
+            let got = t.classify(method, &path).expect("classifies");
+            prop_assert_eq!(t.get(got).path_template, *template);
+        }
+
+        #[test]
+        fn path_tricks_never_classify(i in 0usize..202, trick in 0usize..7, at in 1usize..6) {
+            let rows = rows();
+            let (method, template) = &rows[i % rows.len()];
+            let path = template.replace('{', "x").replace('}', "");
+            let segs: Vec<&str> = path.split('/').collect();
+            let at = at.min(segs.len() - 1);
+            let insert = ["", ".", "..", "%2F", "%2e", "%2E%2E", "a\\b"][trick];
+            let mut out: Vec<&str> = segs[..at].to_vec();
+            out.push(insert);
+            out.extend_from_slice(&segs[at..]);
+            let tricked = out.join("/");
+            prop_assert_eq!(
+                OperationTable::global().classify(method, &tricked),
+                Err(ClassifyError::Ambiguous),
+                "{}", tricked
+            );
+        }
+    }
+}

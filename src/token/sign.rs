@@ -197,3 +197,42 @@ mod tests {
         assert!(parse_authorization("HMAC-SHA256 signature=zz").is_none());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn signatures_verify_and_any_change_breaks_them(
+            app in "[a-f0-9]{32}",
+            corp in proptest::option::of("[0-9]{0,12}"),
+            user in "[a-zA-Z0-9@._-]{0,30}",
+            expire in 0u64..5_000_000_000,
+            nonce in "[A-Za-z0-9-]{32,64}",
+            key in "[ -~]{1,64}",
+            flip in 0usize..32,
+            upper in proptest::bool::ANY,
+        ) {
+            let input = SignInput { app_id: &app, corp_id: corp.as_deref(), user_id: &user, expire_time: expire, nonce: &nonce };
+            let header = if upper {
+                authorization_header(&input, key.as_bytes())
+            } else {
+                format!("HMAC-SHA256 signature={},access={}", signature_hex(&input, key.as_bytes()), access_value(&app))
+            };
+            let parsed = parse_authorization(&header).expect("parses");
+            prop_assert!(verify(&input, key.as_bytes(), &parsed.signature));
+            let mut bad = parsed.signature;
+            bad[flip] ^= 1;
+            prop_assert!(!verify(&input, key.as_bytes(), &bad));
+            let other = SignInput { expire_time: expire + 1, ..input };
+            prop_assert!(!verify(&other, key.as_bytes(), &parsed.signature));
+        }
+
+        #[test]
+        fn authorization_parser_never_panics(s in ".{0,200}") {
+            let _ = parse_authorization(&s);
+        }
+    }
+}

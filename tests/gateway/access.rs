@@ -12,16 +12,16 @@ use sha2::{Digest, Sha256};
 
 use crate::support::*;
 
-const BILLING_KEY: &str = "billing-client-key-5f1c";
+pub(crate) const BILLING_KEY: &str = "billing-client-key-5f1c";
 const SDK_APP_ID: &str = "gw-client-app-000000000000000001";
-const SDK_KEY: &str = "gateway-issued-sdk-key-9a8b7c";
+pub(crate) const SDK_KEY: &str = "gateway-issued-sdk-key-9a8b7c";
 const SDK_KEY_ENV: &str = "TEST_SDK_CLIENT_KEY";
 
 fn sha_hex(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-fn clients() -> String {
+pub(crate) fn clients() -> String {
     format!(
         "[[clients]]\nname = \"billing\"\nkey_sha256 = \"{}\"\nusers = [\"alice@*\"]\noperations = [\"start_meeting\", \"show_*\"]\n\n\
          [[clients]]\nname = \"sdk-team\"\napp_id = \"{SDK_APP_ID}\"\napp_key_env = \"{SDK_KEY_ENV}\"\nusers = [\"alice\"]\n",
@@ -47,7 +47,7 @@ fn business(sim: &SimHandle) -> usize {
         .count()
 }
 
-const START_BODY: &[u8] = br#"{"conferenceID":"914087436","password":"123456"}"#;
+pub(crate) const START_BODY: &[u8] = br#"{"conferenceID":"914087436","password":"123456"}"#;
 
 #[test]
 fn without_clients_a_public_listener_is_refused_unless_explicitly_allowed() {
@@ -187,7 +187,7 @@ async fn bearer_clients_get_401_403_or_their_identity_and_the_upstream_never_see
 }
 
 /// An appauth request as the official SDK builds it, signed with `key`.
-fn appauth(user: &str, nonce: &str, key: &str, upper: bool) -> (String, Vec<u8>) {
+pub(crate) fn appauth(user: &str, nonce: &str, key: &str, upper: bool) -> (String, Vec<u8>) {
     let expire = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -216,7 +216,7 @@ fn appauth(user: &str, nonce: &str, key: &str, upper: bool) -> (String, Vec<u8>)
     (auth, body.to_string().into_bytes())
 }
 
-fn nonce() -> String {
+pub(crate) fn nonce() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 

@@ -251,7 +251,10 @@ fn check_meetgate_pod<'a>(m: &'a Manifest, workload: &'a Value, sidecar: bool) -
     let (dir, name) = CONFIG_PATH.rsplit_once('/').expect("a path");
     let (_, vol) = volume(dir);
     let map = m.named("ConfigMap", text(vol, "configMap.name"));
-    let toml_text = text(map, &format!("data.{name}"));
+    let toml_text = at(map, "data")
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{file}: ConfigMap without {name}"));
 
     // Environment overrides: literal values, or Secret keys from this manifest.
     let mut env = HashMap::new();
@@ -262,7 +265,11 @@ fn check_meetgate_pod<'a>(m: &'a Manifest, workload: &'a Value, sidecar: bool) -
         } else {
             let secret = m.named("Secret", text(var, "valueFrom.secretKeyRef.name"));
             let k = text(var, "valueFrom.secretKeyRef.key");
-            text(secret, &format!("stringData.{k}")).to_owned()
+            at(secret, "stringData")
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("{file}: Secret without {k}"))
+                .to_owned()
         };
         env.insert(key.to_owned(), value);
     }
@@ -438,9 +445,6 @@ fn sidecar_manifest_matches_its_config() {
         (c.listen, c.admin_listen),
         (image.listen, image.admin_listen)
     );
-    assert!(pod.labels.is_mapping());
-    assert!(pod.raw.contains_key("apps"));
-    assert!(pod.container.is_mapping());
 }
 
 #[test]
@@ -543,7 +547,6 @@ fn gateway_manifest_matches_its_config() {
             || matches!(min_available, Some(n) if n >= 1 && n < replicas),
         "PDB: maxUnavailable or minAvailable between 1 and replicas - 1"
     );
-    assert!(pod.spec.is_mapping());
 }
 
 #[test]

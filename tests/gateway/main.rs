@@ -9,5 +9,7 @@ mod hardening;
 mod logs;
 mod operate;
 mod quota;
+mod secrets;
+mod soak;
 mod support;
 mod tokens;

@@ -1,0 +1,157 @@
+//! No secret in any log line (at TRACE), error body, metric or Debug print, across a run that
+//! exercises every credential: app keys, client keys, SDK keys, sessions, upstream tokens and
+//! signatures.
+
+use http::{Method, StatusCode};
+
+use crate::access::{appauth, clients, nonce, BILLING_KEY, SDK_KEY, START_BODY};
+use crate::logs::Capture;
+use crate::support::*;
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_secret_reaches_logs_errors_metrics_or_debug() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(capture.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let sim = default_sim().await;
+    let gw = gateway_with(&sim).await;
+    let mut bodies: Vec<String> = Vec::new();
+    let mut secrets: Vec<String> = vec![APP_KEY.into(), BILLING_KEY.into(), SDK_KEY.into()];
+
+    // Bearer traffic, good and bad.
+    let bearer = format!("Bearer {BILLING_KEY}");
+    for auth in [bearer.as_str(), "Bearer wrong-key-material"] {
+        let r = gw
+            .request(Method::POST, START, &[("authorization", auth)], START_BODY)
+            .await;
+        bodies.push(String::from_utf8_lossy(&r.body).into_owned());
+    }
+    // SDK sign-in, use, refresh, a bad session, logout.
+    let (auth, body) = appauth("", &nonce(), SDK_KEY, true);
+    secrets.push(
+        auth.split("signature=")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("")
+            .to_owned(),
+    );
+    let r = gw
+        .request(
+            Method::POST,
+            "/v2/usg/acs/auth/appauth",
+            &[("authorization", &auth)],
+            &body,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let session = r.json()["accessToken"].as_str().unwrap_or("").to_owned();
+    let refresh = r.json()["refreshToken"].as_str().unwrap_or("").to_owned();
+    secrets.push(session.clone());
+    secrets.push(refresh.clone());
+    let r = gw
+        .request(
+            Method::POST,
+            START,
+            &[("x-access-token", &session)],
+            START_BODY,
+        )
+        .await;
+    bodies.push(String::from_utf8_lossy(&r.body).into_owned());
+    let r = gw
+        .request(
+            Method::PUT,
+            "/v1/usg/acs/token",
+            &[("x-access-token", &refresh)],
+            b"",
+        )
+        .await;
+    let fresh = r.json()["accessToken"].as_str().unwrap_or("").to_owned();
+    secrets.push(fresh.clone());
+    for token in [session.as_str(), "a-made-up-session-token-value-123456"] {
+        let r = gw
+            .request(
+                Method::POST,
+                START,
+                &[("x-access-token", token)],
+                START_BODY,
+            )
+            .await;
+        bodies.push(String::from_utf8_lossy(&r.body).into_owned());
+    }
+    // A revoked upstream token: 401, sign-in again, replay.
+    for t in sim.issued_tokens() {
+        sim.revoke_token(&t);
+    }
+    let r = gw
+        .request(
+            Method::POST,
+            START,
+            &[("authorization", &bearer)],
+            START_BODY,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let _ = gw
+        .request(
+            Method::DELETE,
+            "/v1/usg/acs/token",
+            &[("x-access-token", &fresh)],
+            b"",
+        )
+        .await;
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        bodies.push(String::from_utf8_lossy(&gw.admin(path).await.body).into_owned());
+    }
+    let debug = format!("{:?}", gw.gateway.config());
+    gw.stop().await;
+
+    // Everything the upstream issued or was signed with.
+    secrets.extend(sim.issued_tokens());
+    for r in sim.requests() {
+        if let Some(a) = header(&r, "authorization") {
+            if let Some(sig) = a
+                .split("signature=")
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+            {
+                secrets.push(sig.to_owned());
+                secrets.push(sig.to_ascii_lowercase());
+            }
+        }
+    }
+    let logs = String::from_utf8(capture.0.lock().expect("lock").clone()).expect("utf-8");
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "the capture ran at TRACE"
+    );
+    secrets.retain(|s| s.len() >= 8);
+    assert!(secrets.len() >= 8, "{} secrets collected", secrets.len());
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "a secret reached the log");
+        assert!(
+            !debug.contains(secret.as_str()),
+            "a secret reached a Debug print"
+        );
+        for b in &bodies {
+            assert!(
+                !b.contains(secret.as_str()),
+                "a secret reached a response body: {b}"
+            );
+        }
+    }
+}
+
+async fn gateway_with(sim: &meetgate::simulator::SimHandle) -> TestGateway {
+    spawn_gateway(
+        sim,
+        GatewayOptions {
+            extra: clients(),
+            ..Default::default()
+        },
+    )
+    .await
+}
