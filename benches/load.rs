@@ -1,2 +1,1076 @@
-//! Load benchmark (work in progress).
-fn main() {}
+//! Load benchmark: meetgate (the release binary, as a subprocess) against nginx and a direct
+//! client, all in front of the in-process simulator on loopback. `cargo bench --bench load`;
+//! what it measures and how to read it is in `benches/README.md`.
+//!
+//! Environment: `LOAD_SECONDS` (per run, default 5), `LOAD_ROUNDS` (default 3),
+//! `LOAD_CONNS` (comma list, default `1,16,64`), `LOAD_KEEP_DIR=1` (keep the temp dir with the
+//! configs and logs), `LOAD_PERF_OUT=FILE` (`perf record` meetgate during round 1 at 16
+//! connections, or the first connection count given).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use meetgate::simulator::{self, DebugHeaders, SimApp, SimConfig, SimHandle, SimLimits};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const APP_ID: &str = "bench-load-app-0123456789abcdef0";
+const APP_KEY: &str = "bench-load-app-key-5b1f0c";
+/// meetgate reads the key from this variable, set only in the child's environment.
+const KEY_ENV: &str = "BENCH_MEETGATE_APP_KEY";
+const PATH: &str = "/v1/mmc/management/conferences/start";
+const BODY: &[u8] = br#"{"conferenceID":"914087436","password":"123456"}"#;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Each target is driven this long at the highest connection count before round 1, unmeasured,
+/// so round 1 does not pay for first-touch allocations and pool growth.
+const WARMUP: Duration = Duration::from_secs(1);
+
+/// Quota settings that keep the layer doing its per-request work (classify, bucket lookup, two
+/// GCRA checks, counter parsing) while never making a request wait.
+const NON_BINDING_QUOTA: &str = "[quota]\nenabled = true\nper_api_per_minute = 100000000\n\
+     all_env_per_second = 100000000\nburst = 1000000\n";
+
+/// The meetgate processes to run, each with TOML appended to the common config (so each must
+/// bring its own `[quota]` table). The first is the one compared with nginx; the others are
+/// compared with it, which is how the cost of a layer is measured (on vs off). The token layer
+/// cannot be switched off by configuration; nginx, which injects a fixed token, stands for
+/// "no token layer".
+const LAYER_VARIANTS: &[(&str, &str)] = &[
+    ("meetgate", NON_BINDING_QUOTA),
+    ("mg-quota-off", "[quota]\nenabled = false\n"),
+];
+
+const NGINX: &str = "nginx";
+const DIRECT: &str = "direct";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> Result<u16, String> {
+    // Bound and released at once: a small race with other programs, acceptable on loopback.
+    let l = StdListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("local_addr: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readings
+
+/// Clock ticks per second for /proc/<pid>/stat; `getconf` avoids a libc dependency.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Fields after the `(comm)` of /proc/<pid>/stat: index 0 is field 3 (state).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime in ticks (fields 14 and 15), all threads.
+fn cpu_ticks(pid: u32) -> u64 {
+    stat_fields(pid)
+        .and_then(|f| {
+            let u: u64 = f.get(11)?.parse().ok()?;
+            let s: u64 = f.get(12)?.parse().ok()?;
+            Some(u + s)
+        })
+        .unwrap_or(0)
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| stat_fields(*pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(parent))
+        .collect()
+}
+
+/// A `Vm*:` line of /proc/<pid>/status, in KiB.
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| status_kib(*p, "VmRSS:")).sum()
+}
+
+/// Busy and total jiffies of the whole host (first line of /proc/stat).
+fn host_jiffies() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle + iowait are not busy.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// Samples the summed VmRSS of `pids` every 20 ms on its own thread (so a saturated runtime
+/// cannot starve it) and returns the peak when stopped.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    fn start(pids: Vec<u32>) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib(&pids));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak.max(rss_kib(&pids))
+        });
+        RssSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// Kills its process (and, for nginx, the workers) when dropped, also on panic and early
+/// return, so a failed bench leaves nothing listening.
+struct ChildGuard {
+    name: String,
+    child: Child,
+    /// nginx: its master forks the workers, which a SIGKILL of the master would orphan, so it
+    /// gets SIGTERM (fast shutdown) first.
+    graceful: bool,
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        let workers = children_of(pid);
+        if self.graceful {
+            signal(pid, "TERM");
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for w in workers {
+            if stat_fields(w).is_some() {
+                signal(w, "KILL");
+            }
+        }
+        eprintln!("stopped {} (pid {pid})", self.name);
+    }
+}
+
+/// One proxy under test.
+struct Proxy {
+    name: String,
+    addr: SocketAddr,
+    guard: ChildGuard,
+    /// The file its access log goes to (opened O_APPEND by the writer, so truncating between
+    /// runs keeps the disk bounded).
+    access_log: PathBuf,
+    /// Substring that marks an access-log line in that file.
+    access_marker: &'static str,
+    startup: Duration,
+    idle_rss_kib: u64,
+}
+
+impl Proxy {
+    /// The process and its direct children (nginx workers).
+    fn pids(&self) -> Vec<u32> {
+        let pid = self.guard.child.id();
+        let mut v = vec![pid];
+        v.extend(children_of(pid));
+        v
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        self.pids().iter().map(|p| cpu_ticks(*p)).sum()
+    }
+
+    /// Access-log lines since the last call; truncates the file.
+    fn take_access_lines(&self) -> usize {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.access_log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let n = text
+            .lines()
+            .filter(|l| l.contains(self.access_marker))
+            .count();
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.access_log)
+        {
+            let _ = f.set_len(0);
+        }
+        n
+    }
+}
+
+fn meetgate_config(
+    dir: &Path,
+    sim: &SimHandle,
+    ca_file: &Path,
+    extra: &str,
+) -> Result<(PathBuf, SocketAddr), String> {
+    let port = free_port()?;
+    let admin = free_port()?;
+    let toml = format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\n\
+         [upstream]\nurl = \"{}\"\nca_file = {:?}\n\n\
+         [[apps]]\nname = \"default\"\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n\n\
+         [log]\nformat = \"text\"\nlevel = \"info\"\n\n{extra}",
+        sim.url(),
+        ca_file.display().to_string(),
+    );
+    let path = dir.join(format!("meetgate-{port}.toml"));
+    std::fs::write(&path, toml).map_err(|e| format!("write {}: {e}", path.display()))?;
+    Ok((path, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+fn append_file(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))
+}
+
+async fn start_meetgate(
+    name: &str,
+    dir: &Path,
+    sim: &SimHandle,
+    ca_file: &Path,
+    extra: &str,
+) -> Result<Proxy, String> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_meetgate"));
+    if !bin.exists() {
+        return Err(format!(
+            "{} is missing; `cargo bench --bench load` builds it (or run `cargo build --release`)",
+            bin.display()
+        ));
+    }
+    let (config, addr) = meetgate_config(dir, sim, ca_file, extra)?;
+    let log = dir.join(format!("{name}.log"));
+    let spawned = Instant::now();
+    let child = Command::new(bin)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env(KEY_ENV, APP_KEY)
+        .stdin(Stdio::null())
+        .stdout(append_file(&log)?)
+        .stderr(append_file(&dir.join(format!("{name}.stderr")))?)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+    let guard = ChildGuard {
+        name: name.to_owned(),
+        child,
+        graceful: false,
+    };
+    let startup = wait_ready(name, &plain(addr), spawned, &guard).await?;
+    let proxy = Proxy {
+        name: name.to_owned(),
+        addr,
+        guard,
+        access_log: log,
+        access_marker: "meetgate::access",
+        startup,
+        idle_rss_kib: 0,
+    };
+    Ok(proxy)
+}
+
+fn nginx_config(
+    dir: &Path,
+    port: u16,
+    sim: SocketAddr,
+    ca_file: &Path,
+    token: &str,
+    workers: usize,
+) -> String {
+    let d = dir.display();
+    // The simulator's leaf names `localhost` and `127.0.0.1`; nginx checks the name with
+    // X509_check_host, which does not match IP SANs, so verify against `localhost`.
+    format!(
+        r#"# Written by benches/load.rs; see benches/README.md.
+worker_processes {workers};
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+
+    log_format bench '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                     'rt=$request_time urt=$upstream_response_time '
+                     'upstream_request_id=$upstream_http_x_request_id';
+    access_log {d}/nginx-access.log bench;
+
+    # nginx closes a keep-alive connection after 1000 requests by default; meetgate does not,
+    # so both sides are lifted to keep connection churn out of the comparison.
+    keepalive_requests 1000000;
+
+    upstream sim {{
+        server {sim};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+
+    server {{
+        listen 127.0.0.1:{port};
+
+        location / {{
+            proxy_pass https://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Access-Token "{token}";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_name localhost;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+"#,
+        ca = ca_file.display(),
+    )
+}
+
+async fn start_nginx(
+    dir: &Path,
+    sim: &SimHandle,
+    ca_file: &Path,
+    token: &str,
+    workers: usize,
+) -> Result<Proxy, String> {
+    let Some(bin) = which("nginx") else {
+        return Err("nginx not found".into());
+    };
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        nginx_config(dir, port, sim.addr(), ca_file, token, workers),
+    )
+    .map_err(|e| format!("write {}: {e}", conf.display()))?;
+    let spawned = Instant::now();
+    // -e: errors before the config is read must not go to /var/log/nginx.
+    let child = Command::new(&bin)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(append_file(&dir.join("nginx.stdout"))?)
+        .stderr(append_file(&dir.join("nginx.stderr"))?)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+    let guard = ChildGuard {
+        name: NGINX.into(),
+        child,
+        graceful: true,
+    };
+    let startup = wait_ready(NGINX, &plain(addr), spawned, &guard).await?;
+    Ok(Proxy {
+        name: NGINX.into(),
+        addr,
+        guard,
+        access_log: dir.join("nginx-access.log"),
+        access_marker: "upstream_request_id=",
+        startup,
+        idle_rss_kib: 0,
+    })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Polls with start_meeting until a 200; returns the time since spawn.
+async fn wait_ready(
+    name: &str,
+    target: &Target,
+    spawned: Instant,
+    guard: &ChildGuard,
+) -> Result<Duration, String> {
+    let mut last = String::from("no answer");
+    while spawned.elapsed() < READY_TIMEOUT {
+        match connect(target).await {
+            Ok(mut sender) => match send(&mut sender, target).await {
+                Ok(200) => return Ok(spawned.elapsed()),
+                Ok(status) => last = format!("HTTP {status}"),
+                Err(e) => last = e,
+            },
+            Err(e) => last = e,
+        }
+        if stat_fields(guard.child.id()).is_none_or(|f| f.first().is_some_and(|s| s == "Z")) {
+            return Err(format!("{name} exited during start-up (see its log)"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Err(format!(
+        "{name} not ready after {READY_TIMEOUT:?}; last: {last}"
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generator: C HTTP/1.1 keep-alive connections, each sending requests back to back.
+
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    /// Direct: TLS to the simulator, with the token the proxies would inject.
+    tls: Option<(TlsConnector, String)>,
+}
+
+fn plain(addr: SocketAddr) -> Target {
+    Target { addr, tls: None }
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+async fn connect(t: &Target) -> Result<Sender, String> {
+    let tcp = TcpStream::connect(t.addr)
+        .await
+        .map_err(|e| format!("connect {}: {e}", t.addr))?;
+    tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+    let sender = match &t.tls {
+        None => {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(conn);
+            sender
+        }
+        Some((tls, _)) => {
+            let name = ServerName::IpAddress(t.addr.ip().into());
+            let stream = tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(conn);
+            sender
+        }
+    };
+    Ok(sender)
+}
+
+/// One exchange, body read to the end; the status.
+async fn send(sender: &mut Sender, t: &Target) -> Result<u16, String> {
+    sender.ready().await.map_err(|e| format!("ready: {e}"))?;
+    let mut req = http::Request::post(PATH)
+        .header(http::header::HOST, t.addr.to_string())
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some((_, token)) = &t.tls {
+        req = req.header("x-access-token", token.as_str());
+    }
+    let req = req
+        .body(Full::new(Bytes::from_static(BODY)))
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = resp.status().as_u16();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    Ok(status)
+}
+
+#[derive(Default)]
+struct ConnResult {
+    /// Microseconds per 200, send to end of body.
+    latencies: Vec<u32>,
+    errors: u64,
+    sent: u64,
+}
+
+async fn drive(mut sender: Sender, target: Target, deadline: Instant) -> ConnResult {
+    let mut r = ConnResult {
+        latencies: Vec::with_capacity(65536),
+        ..ConnResult::default()
+    };
+    while Instant::now() < deadline {
+        let t0 = Instant::now();
+        r.sent += 1;
+        match send(&mut sender, &target).await {
+            Ok(200) => r
+                .latencies
+                .push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX)),
+            Ok(_) => r.errors += 1,
+            Err(_) => {
+                // A lost connection counts once and is replaced; if that fails, this
+                // connection's share of the run ends.
+                r.errors += 1;
+                match connect(&target).await {
+                    Ok(s) => sender = s,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    r
+}
+
+#[derive(Clone, Debug, Default)]
+struct RunStats {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    sent: u64,
+    /// Proxy process(es) CPU per successful request; NaN for direct.
+    cpu_us_per_req: f64,
+    /// This bench process (load generator and simulator) CPU per request.
+    gen_cpu_us_per_req: f64,
+    host_busy_pct: f64,
+    peak_rss_kib: u64,
+    rss_after_kib: u64,
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i])
+}
+
+/// Opens `conns` connections (each warmed by one request), then drives them all for `dur`.
+async fn load(
+    target: &Target,
+    proxy: Option<&Proxy>,
+    conns: usize,
+    dur: Duration,
+    ticks: f64,
+) -> Result<RunStats, String> {
+    let mut senders = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let mut s = connect(target).await?;
+        let status = send(&mut s, target).await?;
+        if status != 200 {
+            return Err(format!("warm-up request got HTTP {status}"));
+        }
+        senders.push(s);
+    }
+    let pids = proxy.map(Proxy::pids).unwrap_or_default();
+    let sampler = RssSampler::start(pids.clone());
+    let cpu0 = proxy.map_or(0, Proxy::cpu_ticks);
+    let self0 = cpu_ticks(std::process::id());
+    let host0 = host_jiffies();
+    let start = Instant::now();
+    let deadline = start + dur;
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|s| tokio::spawn(drive(s, target.clone(), deadline)))
+        .collect();
+    let mut latencies = Vec::new();
+    let (mut errors, mut sent) = (0, 0);
+    for t in tasks {
+        let r = t.await.map_err(|e| format!("load task: {e}"))?;
+        latencies.extend(r.latencies);
+        errors += r.errors;
+        sent += r.sent;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = proxy.map_or(0, Proxy::cpu_ticks);
+    let self1 = cpu_ticks(std::process::id());
+    let host1 = host_jiffies();
+    let peak_rss_kib = sampler.finish();
+    let rss_after_kib = rss_kib(&pids);
+    latencies.sort_unstable();
+    let ok = latencies.len() as f64;
+    let per_req = |d: u64| d as f64 / ticks * 1e6 / ok.max(1.0);
+    let host_total = (host1.1 - host0.1).max(1) as f64;
+    Ok(RunStats {
+        rps: ok / elapsed,
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
+        errors,
+        sent,
+        cpu_us_per_req: if proxy.is_some() {
+            per_req(cpu1 - cpu0)
+        } else {
+            f64::NAN
+        },
+        gen_cpu_us_per_req: per_req(self1 - self0),
+        host_busy_pct: 100.0 * (host1.0 - host0.0) as f64 / host_total,
+        peak_rss_kib,
+        rss_after_kib,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .filter(|x| !x.is_nan())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
+        })
+}
+
+/// "median [min–max]" with `decimals` digits.
+fn cell(v: &[f64], decimals: usize) -> String {
+    let m = median(v.to_vec());
+    if m.is_nan() {
+        return "-".into();
+    }
+    let (lo, hi) = spread(v);
+    format!("{m:.decimals$} [{lo:.decimals$}–{hi:.decimals$}]")
+}
+
+fn mib(kib: f64) -> f64 {
+    kib / 1024.0
+}
+
+type Results = HashMap<(String, usize), Vec<RunStats>>;
+
+fn column(results: &Results, target: &str, c: usize, f: fn(&RunStats) -> f64) -> Vec<f64> {
+    results
+        .get(&(target.to_owned(), c))
+        .map(|v| v.iter().map(f).collect())
+        .unwrap_or_default()
+}
+
+fn ratio(results: &Results, a: &str, b: &str, c: usize, f: fn(&RunStats) -> f64) -> String {
+    let (x, y) = (
+        median(column(results, a, c, f)),
+        median(column(results, b, c, f)),
+    );
+    if x.is_nan() || y.is_nan() || y == 0.0 {
+        "-".into()
+    } else {
+        format!("{:.2}x", x / y)
+    }
+}
+
+fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
+    println!(
+        "\n== {c} connection{} (median of {rounds} round{} [min–max]) ==",
+        if c == 1 { "" } else { "s" },
+        if rounds == 1 { "" } else { "s" }
+    );
+    println!(
+        "{:<13} {:>24} {:>22} {:>22} {:>20} {:>7} {:>11} {:>11} {:>9}",
+        "target",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "proxy CPU µs/req",
+        "errors",
+        "peak RSS MiB",
+        "gen CPU µs/req",
+        "host busy"
+    );
+    for t in targets {
+        let Some(runs) = results.get(&(t.clone(), c)) else {
+            continue;
+        };
+        let col = |f: fn(&RunStats) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+        let errors: u64 = runs.iter().map(|r| r.errors).sum();
+        println!(
+            "{:<13} {:>24} {:>22} {:>22} {:>20} {:>7} {:>11.1} {:>14} {:>8.0}%",
+            t,
+            cell(&col(|r| r.rps), 0),
+            cell(&col(|r| r.p50_us), 0),
+            cell(&col(|r| r.p99_us), 0),
+            cell(&col(|r| r.cpu_us_per_req), 1),
+            errors,
+            mib(median(col(|r| r.peak_rss_kib as f64))),
+            format!("{:.1}", median(col(|r| r.gen_cpu_us_per_req))),
+            median(col(|r| r.host_busy_pct)),
+        );
+    }
+    let mg = LAYER_VARIANTS[0].0;
+    if results.contains_key(&(NGINX.to_owned(), c)) {
+        println!(
+            "{:<13} {:>24} {:>22} {:>22} {:>20}",
+            format!("{mg}/nginx"),
+            ratio(results, mg, NGINX, c, |r| r.rps),
+            ratio(results, mg, NGINX, c, |r| r.p50_us),
+            ratio(results, mg, NGINX, c, |r| r.p99_us),
+            ratio(results, mg, NGINX, c, |r| r.cpu_us_per_req),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// `perf record` of one process for the length of one run, when `LOAD_PERF_OUT` asks for it.
+struct Perf(Option<Child>);
+
+impl Perf {
+    fn start(out: Option<&str>, pid: u32) -> Perf {
+        let Some(out) = out else { return Perf(None) };
+        let child = Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                "999",
+                "--call-graph",
+                "dwarf,16384",
+                "-o",
+                out,
+            ])
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => {
+                // perf needs a moment to attach before the run starts.
+                std::thread::sleep(Duration::from_millis(500));
+                Perf(Some(c))
+            }
+            Err(e) => {
+                eprintln!("LOAD_PERF_OUT: cannot run perf: {e}");
+                Perf(None)
+            }
+        }
+    }
+
+    fn stop(mut self) {
+        if let Some(mut c) = self.0.take() {
+            signal(c.id(), "INT");
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Settings {
+    seconds: Duration,
+    rounds: usize,
+    conns: Vec<usize>,
+    workers: usize,
+    perf_out: Option<String>,
+}
+
+async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
+    let sim = simulator::start(SimConfig {
+        apps: vec![SimApp::new(APP_ID, APP_KEY)],
+        limits: SimLimits::unlimited(),
+        token_lifetime: Duration::from_secs(12 * 3600),
+        debug_headers: DebugHeaders::Always,
+        // Bodies are not needed, and 100 000 of them would only grow this process.
+        record_bodies: false,
+        ..SimConfig::default()
+    })
+    .await
+    .map_err(|e| format!("simulator: {e}"))?;
+    let ca_file = dir.join("sim-ca.pem");
+    std::fs::write(&ca_file, sim.ca_pem()).map_err(|e| format!("write CA: {e}"))?;
+    println!("simulator: {} (in this process)", sim.url());
+
+    let mut proxies = Vec::new();
+    for (name, extra) in LAYER_VARIANTS {
+        let p = start_meetgate(name, dir, &sim, &ca_file, extra).await?;
+        println!(
+            "{name}: pid {} on {}, ready {:.0} ms after spawn",
+            p.guard.child.id(),
+            p.addr,
+            p.startup.as_secs_f64() * 1e3
+        );
+        proxies.push(p);
+    }
+    // Any token meetgate obtained is valid for 12 h; the simulator keeps 64 per user.
+    let token = sim
+        .issued_tokens()
+        .into_iter()
+        .next()
+        .ok_or("the simulator issued no token")?;
+    match which("nginx") {
+        None => {
+            println!("nginx: not installed (`apt-get install -y nginx`); the nginx side is skipped")
+        }
+        Some(_) => {
+            let p = start_nginx(dir, &sim, &ca_file, &token, s.workers).await?;
+            println!(
+                "nginx: master pid {} + {} workers on {}, ready {:.0} ms after spawn",
+                p.guard.child.id(),
+                p.pids().len() - 1,
+                p.addr,
+                p.startup.as_secs_f64() * 1e3
+            );
+            proxies.push(p);
+        }
+    }
+    // Idle RSS: after start-up and the one readiness request, before any load.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for p in &mut proxies {
+        p.idle_rss_kib = rss_kib(&p.pids());
+        p.take_access_lines();
+    }
+
+    let roots = CertificateDer::pem_slice_iter(sim.ca_pem().as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("CA PEM: {e}"))?;
+    let mut tls = meetgate::upstream::tls_config(&roots).map_err(|e| format!("TLS config: {e}"))?;
+    // The generator speaks HTTP/1.1 only; the proxies' upstream side is what differs.
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let direct = Target {
+        addr: sim.addr(),
+        tls: Some((TlsConnector::from(Arc::new(tls)), token)),
+    };
+
+    let max_c = s.conns.iter().copied().max().unwrap_or(1);
+    for p in &proxies {
+        load(&plain(p.addr), Some(p), max_c, WARMUP, ticks).await?;
+        p.take_access_lines();
+    }
+
+    // Interleaved so that drift (thermal, noisy neighbours) spreads over every target.
+    let mut results: Results = HashMap::new();
+    let mut log_lines: HashMap<String, (usize, u64)> = HashMap::new();
+    let perf_c = if s.conns.contains(&16) {
+        16
+    } else {
+        s.conns[0]
+    };
+    for round in 1..=s.rounds {
+        for &c in &s.conns {
+            for p in &proxies {
+                let perf = if round == 1 && c == perf_c && p.name == LAYER_VARIANTS[0].0 {
+                    Perf::start(s.perf_out.as_deref(), p.guard.child.id())
+                } else {
+                    Perf(None)
+                };
+                let r = load(&plain(p.addr), Some(p), c, s.seconds, ticks).await?;
+                perf.stop();
+                let entry = log_lines.entry(p.name.clone()).or_default();
+                entry.0 += p.take_access_lines();
+                entry.1 += r.sent + c as u64;
+                eprintln!(
+                    "round {round} c={c:<3} {:<13} {:>8.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs cpu {:>6.1} µs/req errors {}",
+                    p.name, r.rps, r.p50_us, r.p99_us, r.cpu_us_per_req, r.errors
+                );
+                results.entry((p.name.clone(), c)).or_default().push(r);
+            }
+            if c == 1 {
+                let r = load(&direct, None, 1, s.seconds, ticks).await?;
+                eprintln!(
+                    "round {round} c=1   {DIRECT:<13} {:>8.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs",
+                    r.rps, r.p50_us, r.p99_us
+                );
+                results.entry((DIRECT.into(), 1)).or_default().push(r);
+            }
+        }
+    }
+
+    let mut targets: Vec<String> = LAYER_VARIANTS.iter().map(|v| v.0.to_owned()).collect();
+    targets.push(NGINX.into());
+    targets.push(DIRECT.into());
+    println!(
+        "\n# {} s per run, {} rounds, {} meetgate worker threads / nginx workers, {} cores; \
+         generator, simulator and proxies share the cores",
+        s.seconds.as_secs_f64(),
+        s.rounds,
+        s.workers,
+        s.workers
+    );
+    for &c in &s.conns {
+        print_table(&results, &targets, c, s.rounds);
+    }
+
+    let mut out = String::new();
+    let _ = writeln!(out, "\n== summary ==");
+    for p in &proxies {
+        let after64 = column(&results, &p.name, max_c, |r| r.rss_after_kib as f64);
+        let vm_hwm: u64 = p.pids().iter().map(|q| status_kib(*q, "VmHWM:")).sum();
+        let _ = writeln!(
+            out,
+            "{:<13} start-up to ready {:>5.0} ms | idle RSS {:>5.1} MiB | RSS after {max_c}-conn run {:>5.1} MiB | VmHWM (sum) {:>5.1} MiB",
+            p.name,
+            p.startup.as_secs_f64() * 1e3,
+            mib(p.idle_rss_kib as f64),
+            mib(median(after64)),
+            mib(vm_hwm as f64),
+        );
+    }
+    let direct_p50 = median(column(&results, DIRECT, 1, |r| r.p50_us));
+    if s.conns.contains(&1) {
+        for p in &proxies {
+            let p50 = median(column(&results, &p.name, 1, |r| r.p50_us));
+            let _ = writeln!(
+                out,
+                "{:<13} added p50 at 1 connection vs direct ({direct_p50:.0} µs): {:+.0} µs",
+                p.name,
+                p50 - direct_p50
+            );
+        }
+    }
+    let base = LAYER_VARIANTS[0].0;
+    for (name, _) in LAYER_VARIANTS.iter().skip(1) {
+        for &c in &s.conns {
+            let _ = writeln!(
+                out,
+                "{name:<13} vs {base} at {c:>2} conns: req/s {} CPU/req {}",
+                ratio(&results, name, base, c, |r| r.rps),
+                ratio(&results, name, base, c, |r| r.cpu_us_per_req),
+            );
+        }
+    }
+    let mut names: Vec<_> = log_lines.keys().cloned().collect();
+    names.sort();
+    for n in names {
+        let (lines, sent) = log_lines[&n];
+        let _ = writeln!(
+            out,
+            "{n:<13} access-log lines {lines} for {sent} requests sent"
+        );
+    }
+    print!("{out}");
+    drop(proxies);
+    sim.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let began = Instant::now();
+    // Cargo passes `--bench`; there is nothing else to parse.
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let conns: Vec<usize> = std::env::var("LOAD_CONNS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty() && !v.contains(&0))
+        .unwrap_or_else(|| vec![1, 16, 64]);
+    let settings = Settings {
+        seconds: Duration::from_secs_f64(env_or("LOAD_SECONDS", 5.0_f64).max(0.1)),
+        rounds: env_or("LOAD_ROUNDS", 3_usize).max(1),
+        conns,
+        workers,
+        perf_out: std::env::var("LOAD_PERF_OUT").ok(),
+    };
+    let dir = match tempfile::Builder::new().prefix("meetgate-load-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("load bench: temp dir: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("load bench: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(bench(&settings, dir.path(), clock_ticks()));
+    drop(runtime);
+    if std::env::var_os("LOAD_KEEP_DIR").is_some() {
+        let kept = dir.keep();
+        println!("configs and logs kept in {}", kept.display());
+    }
+    println!("total runtime {:.1} s", began.elapsed().as_secs_f64());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load bench: setup failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -44,7 +44,15 @@ pub fn handle(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, JSON, r#"{"status":"ok"}"#),
         "/readyz" => match gateway.readiness() {
-            Ok(()) => respond(StatusCode::OK, JSON, r#"{"ready":true}"#),
+            // Degraded (Redis unreachable) still serves, on local fallbacks: ready, and says so.
+            Ok(()) => match gateway.degraded() {
+                None => respond(StatusCode::OK, JSON, r#"{"ready":true}"#),
+                Some(why) => respond(
+                    StatusCode::OK,
+                    JSON,
+                    serde_json::json!({ "ready": true, "degraded": why }).to_string(),
+                ),
+            },
             Err(reasons) => respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 JSON,

@@ -46,8 +46,24 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     sdk: RawSdk,
+    cluster: Option<RawCluster>,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url: Option<SecretString>,
+    key_prefix: Option<String>,
+    max_replicas: Option<u32>,
+    timeout: Option<String>,
+}
+
+impl fmt::Debug for RawCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawCluster").finish_non_exhaustive()
+    }
 }
 
 #[derive(Deserialize)]
@@ -199,6 +215,8 @@ pub struct Config {
     /// TLS on the proxy listener (the SDKs sign in only over HTTPS).
     pub tls: Option<TlsConfig>,
     pub sdk: SdkConfig,
+    /// Shared limits and tokens on Redis; `None`: single-instance mode.
+    pub cluster: Option<ClusterConfig>,
     pub log: LogConfig,
     /// Things worth a warning at start (an inline key, ...), logged once telemetry is up.
     pub warnings: Vec<String>,
@@ -392,6 +410,48 @@ impl fmt::Debug for TlsConfig {
             .field("key_file", &self.key_file)
             .field("key", &REDACTED)
             .finish()
+    }
+}
+
+/// Several replicas sharing one quota and one token per identity through Redis.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// May hold a password: never printed.
+    pub redis_url: SecretString,
+    pub key_prefix: String,
+    /// When Redis is unreachable each replica falls back to 1/max_replicas of every limit.
+    pub max_replicas: NonZeroU32,
+    /// Longest wait for one Redis command before falling back.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &redact_url(self.redis_url.expose_secret()))
+            .field("key_prefix", &self.key_prefix)
+            .field("max_replicas", &self.max_replicas)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `redis://user:password@host/0` -> `redis://[redacted]@host/0`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://{REDACTED}{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl PartialEq for ClusterConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.redis_url.expose_secret() == other.redis_url.expose_secret()
+            && self.key_prefix == other.key_prefix
+            && self.max_replicas == other.max_replicas
+            && self.timeout == other.timeout
     }
 }
 
@@ -718,6 +778,7 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         }
     }
     let tls = raw.tls.map(|t| validate_tls(&mut c, t));
+    let cluster = raw.cluster.and_then(|cl| validate_cluster(&mut c, cl));
     let sdk = SdkConfig {
         session_lifetime: c.duration(
             "sdk.session_lifetime",
@@ -761,6 +822,7 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         allow_unauthenticated,
         tls: tls.flatten(),
         sdk,
+        cluster,
         log: LogConfig { format, level },
         warnings,
     })
@@ -1142,6 +1204,32 @@ fn validate_clients(
     out
 }
 
+fn validate_cluster(c: &mut Checker, cl: RawCluster) -> Option<ClusterConfig> {
+    let timeout = c.duration("cluster.timeout", cl.timeout.as_deref(), "250ms");
+    let max_replicas = non_zero(c, "cluster.max_replicas", cl.max_replicas, 10);
+    let key_prefix = cl.key_prefix.unwrap_or_else(|| "meetgate:".to_owned());
+    // Absent means single-instance mode.
+    let url = cl.redis_url?;
+    let text = url.expose_secret();
+    if text.is_empty() {
+        return None;
+    }
+    if let Err(e) = redis::Client::open(text) {
+        c.problem(
+            "cluster.redis_url",
+            quoted(&redact_url(text)),
+            format!("not a Redis URL ({e}); e.g. \"redis://127.0.0.1:6379/0\" or \"rediss://...\""),
+        );
+        return None;
+    }
+    Some(ClusterConfig {
+        redis_url: url,
+        key_prefix,
+        max_replicas,
+        timeout,
+    })
+}
+
 fn validate_tls(c: &mut Checker, t: RawTls) -> Option<TlsConfig> {
     let handshake_timeout = c.duration(
         "tls.handshake_timeout",
@@ -1355,7 +1443,17 @@ struct Printed<'a> {
     limits: PrintedLimits,
     quota: PrintedQuota,
     apps: Vec<PrintedApp<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<PrintedCluster>,
     log: PrintedLog<'a>,
+}
+
+#[derive(Serialize)]
+struct PrintedCluster {
+    redis_url: String,
+    key_prefix: String,
+    max_replicas: u32,
+    timeout: String,
 }
 
 #[derive(Serialize)]
@@ -1534,6 +1632,12 @@ impl Config {
                     user_id: &a.user_id,
                 })
                 .collect(),
+            cluster: self.cluster.as_ref().map(|cl| PrintedCluster {
+                redis_url: redact_url(cl.redis_url.expose_secret()),
+                key_prefix: cl.key_prefix.clone(),
+                max_replicas: cl.max_replicas.get(),
+                timeout: dur(cl.timeout),
+            }),
             log: PrintedLog {
                 format: self.log.format,
                 level: &self.log.level,

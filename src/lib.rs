@@ -6,6 +6,7 @@ pub mod access;
 pub mod admin;
 pub mod body;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;

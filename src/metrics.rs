@@ -65,6 +65,8 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub waiting: Gauge,
     pub ready: Gauge,
+    pub cluster_degraded: Gauge,
+    pub cluster_fallbacks: Gauge,
 }
 
 impl Default for Metrics {
@@ -147,8 +149,22 @@ impl Metrics {
             "1 when every app's default identity holds a valid token",
             ready.clone(),
         );
+        let cluster_degraded = Gauge::default();
+        registry.register(
+            "cluster_degraded",
+            "1 while Redis is unreachable and this replica runs on local fallbacks",
+            cluster_degraded.clone(),
+        );
+        let cluster_fallbacks = Gauge::default();
+        registry.register(
+            "cluster_fallback_decisions",
+            "Decisions made on local fallbacks because Redis was unreachable (since start)",
+            cluster_fallbacks.clone(),
+        );
         Metrics {
             registry,
+            cluster_degraded,
+            cluster_fallbacks,
             requests,
             request_seconds,
             upstream_seconds,

@@ -17,6 +17,7 @@ use tower_http::timeout::TimeoutBody;
 use crate::access::AccessRules;
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
+use crate::cluster::Cluster;
 use crate::config::{AppConfig, Config};
 use crate::error::{retry_after_secs, GatewayError};
 use crate::headers::{self, X_ACCESS_TOKEN, X_REQUEST_ID};
@@ -26,7 +27,7 @@ use crate::metrics::{
 use crate::operations::{ClassifyError, OperationKind, OperationTable};
 use crate::quota::{Admission, BucketKey, QuotaManager, Refused};
 use crate::sdk::{SdkAuth, SdkRequest};
-use crate::token::{Slot, TokenCache, UpstreamAuthenticator};
+use crate::token::{Authenticator, SharedAuthenticator, Slot, TokenCache, UpstreamAuthenticator};
 use crate::upstream::{read_body, Upstream, UpstreamBuildError};
 
 /// What the gateway answers with: the upstream's streamed body, or one it built itself.
@@ -76,6 +77,7 @@ pub struct Gateway {
     anonymous: Arc<str>,
     /// Requests handled at once; beyond `limits.max_concurrent_requests`, 503 at once.
     requests: Arc<Semaphore>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Per-request facts gathered on the way, for the one access-log line.
@@ -130,13 +132,23 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, UpstreamBuildError> {
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(&config.upstream)?;
-        let quota = QuotaManager::new(config.quota.clone());
-        let auth = Arc::new(UpstreamAuthenticator::new(
+        let cluster = config.cluster.clone().map(Cluster::new);
+        let quota = QuotaManager::with_cluster(config.quota.clone(), cluster.clone());
+        let upstream_auth: Arc<dyn Authenticator> = Arc::new(UpstreamAuthenticator::new(
             upstream.clone(),
             clock.clone(),
             config.token.signature_lifetime,
             quota.clone(),
         ));
+        let auth: Arc<dyn Authenticator> = match &cluster {
+            Some(c) => Arc::new(SharedAuthenticator::new(
+                upstream_auth,
+                c.clone(),
+                clock.clone(),
+                config.token.clone(),
+            )),
+            None => upstream_auth,
+        };
         let tokens = TokenCache::new(auth, clock, config.token.clone(), true, metrics.clone());
         let apps = build_apps(&tokens, &config);
         let config_for_access = config.clone();
@@ -154,6 +166,7 @@ impl Gateway {
             requests: Arc::new(Semaphore::new(
                 config_for_access.limits.max_concurrent_requests,
             )),
+            cluster,
         }))
     }
 
@@ -172,6 +185,11 @@ impl Gateway {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// Why the replica runs on local fallbacks, when it does (Redis unreachable).
+    pub fn degraded(&self) -> Option<String> {
+        self.cluster.as_ref().and_then(|c| c.degraded())
     }
 
     /// Ready when every app's default identity holds a valid token; otherwise the reasons.
@@ -244,6 +262,13 @@ impl Gateway {
         }
         m.waiting.set(self.quota.waiting() as i64);
         m.ready.set(i64::from(self.readiness().is_ok()));
+        if let Some(c) = &self.cluster {
+            m.cluster_degraded.set(i64::from(c.degraded().is_some()));
+            m.cluster_fallbacks.set(
+                i64::try_from(c.fallbacks.load(std::sync::atomic::Ordering::Relaxed))
+                    .unwrap_or(i64::MAX),
+            );
+        }
     }
 
     /// Refuses requests still waiting for quota (503 `MEETGATE.SHUTTING_DOWN`) and all later
@@ -271,6 +296,9 @@ impl Gateway {
         }
         if new.log.format != old.log.format || new.log.level != old.log.level {
             summary.needs_restart.push("log");
+        }
+        if new.cluster != old.cluster {
+            summary.needs_restart.push("cluster");
         }
         if new.tls.as_ref().map(|t| &t.certs) != old.tls.as_ref().map(|t| &t.certs) {
             summary.needs_restart.push("tls");

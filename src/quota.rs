@@ -15,6 +15,7 @@ use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use http::HeaderMap;
 
+use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaMode, QuotaScope};
 use crate::headers::{X_APIG_RATELIMIT_ALLENV, X_APIG_RATELIMIT_API};
 use crate::operations::OperationId;
@@ -43,6 +44,38 @@ pub struct LimitSpec {
     pub kind: LimitKind,
     pub limit: NonZeroU32,
     pub window: Duration,
+}
+
+/// This replica's share of a limit when replicas cannot coordinate: N / replicas (at least 1)
+/// in the same window, with the burst cut to fit.
+pub fn fallback_share(
+    spec: LimitSpec,
+    params: GcraParams,
+    margin: Duration,
+    replicas: u32,
+) -> (LimitSpec, GcraParams) {
+    let n = (spec.limit.get() / replicas.max(1)).max(1);
+    let limit = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    let share = LimitSpec { limit, ..spec };
+    if n == 1 {
+        // One per window (plus margin): burst 1, interval longer than the window.
+        let interval = spec.window + margin + Duration::from_nanos(1);
+        return (
+            share,
+            GcraParams {
+                burst: NonZeroU32::MIN,
+                interval,
+            },
+        );
+    }
+    let burst = params
+        .burst
+        .min(NonZeroU32::new(n - 1).unwrap_or(NonZeroU32::MIN));
+    let derived = derive(limit, spec.window, margin, burst).unwrap_or(GcraParams {
+        burst: NonZeroU32::MIN,
+        interval: spec.window + margin + Duration::from_nanos(1),
+    });
+    (share, derived)
 }
 
 /// GCRA parameters: `burst` at once, then one per `interval`.
@@ -203,6 +236,8 @@ impl Limit {
 /// The mutable part of a bucket, touched only by the request at the head of its queue.
 struct BucketState {
     limits: Vec<Limit>,
+    /// This replica's share of each limit while the shared store is unreachable.
+    fallback: Vec<Limit>,
     hold_until: Option<Instant>,
 }
 
@@ -218,6 +253,8 @@ pub struct Bucket {
     /// Largest emission interval: the spacing between two paced requests at worst.
     slowest: Duration,
     margin: Duration,
+    /// `q:<operation>:<app>:<user>` for the shared store's keys.
+    shared_base: String,
 }
 
 impl Bucket {
@@ -256,6 +293,42 @@ impl Bucket {
     /// and returns how long until a slot could be free.
     fn try_admit(&self, now: Instant) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Self::precheck(&mut state, now)?;
+        let spares = Self::check_limiters(&state.limits)?;
+        self.record(&mut state, now, Some(spares));
+        Ok(())
+    }
+
+    /// Local fallback while the shared store is unreachable: this replica's share
+    /// (1/`max_replicas`) of every limit.
+    fn try_admit_fallback(
+        &self,
+        now: Instant,
+        clock: &DefaultClock,
+        margin: Duration,
+        replicas: u32,
+    ) -> Result<(), Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Self::precheck(&mut state, now)?;
+        if state.fallback.is_empty() {
+            state.fallback = state
+                .limits
+                .iter()
+                .map(|l| {
+                    let (spec, params) = fallback_share(l.spec, l.params, margin, replicas);
+                    // Starts spent: falling back never grants a fresh burst on top of the
+                    // shared one just used.
+                    Limit::new(spec, params, clock, 0)
+                })
+                .collect();
+        }
+        Self::check_limiters(&state.fallback)?;
+        self.record(&mut state, now, None);
+        Ok(())
+    }
+
+    /// Holds (after an upstream 429) and upstream-reported budgets.
+    fn precheck(state: &mut BucketState, now: Instant) -> Result<(), Duration> {
         if let Some(hold) = state.hold_until {
             if now < hold {
                 return Err(hold - now);
@@ -271,9 +344,14 @@ impl Bucket {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Every limiter, short window first; on a refusal the earlier ones get their slot back.
+    /// Returns each limiter's burst capacity left.
+    fn check_limiters(limits: &[Limit]) -> Result<[u32; 2], Duration> {
         let mut taken: [(u64, u32); 2] = [(0, 0); 2];
-        for i in 0..state.limits.len() {
-            let limit = &state.limits[i];
+        for (i, limit) in limits.iter().enumerate() {
             let prev = limit.cell.0.load(Ordering::Acquire);
             match limit.limiter.check() {
                 Ok(snapshot) => {
@@ -284,22 +362,45 @@ impl Bucket {
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(DefaultClock::default().now());
                     for (j, (prev, _)) in taken.iter().enumerate().take(i) {
-                        state.limits[j].cell.0.store(*prev, Ordering::Release);
+                        limits[j].cell.0.store(*prev, Ordering::Release);
                     }
                     return Err(wait.max(Duration::from_millis(1)));
                 }
             }
         }
-        for (limit, (_, spare)) in state.limits.iter_mut().zip(taken) {
+        Ok([taken[0].1, taken[1].1])
+    }
+
+    /// Books an admission into our own accounting (for the upstream counters and estimates).
+    fn record(&self, state: &mut BucketState, now: Instant, spares: Option<[u32; 2]>) {
+        for (i, limit) in state.limits.iter_mut().enumerate() {
             limit.prune(now, self.margin);
             limit.recent.push_back(now);
-            limit.spare = spare;
-            limit.spare_at = now;
+            if let Some(spares) = spares {
+                limit.spare = spares.get(i).copied().unwrap_or(0);
+                limit.spare_at = now;
+            }
             if let Some(b) = &mut limit.budget {
                 b.remain = b.remain.saturating_sub(1);
             }
         }
-        Ok(())
+    }
+
+    /// The shared keys and GCRA parameters (interval, tolerance) of this bucket's limits.
+    fn shared_limits(&self, cluster: &Cluster) -> Vec<(String, Duration, Duration)> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .limits
+            .iter()
+            .map(|l| {
+                let tau = l.params.interval.saturating_mul(l.params.burst.get() - 1);
+                (
+                    cluster.key(&[&self.shared_base, l.spec.kind.as_str()]),
+                    l.params.interval,
+                    tau,
+                )
+            })
+            .collect()
     }
 
     /// How long a request with `ahead` requests queued before it will likely wait.
@@ -419,6 +520,7 @@ fn parse_window(text: &str) -> Option<Duration> {
 /// All buckets and the settings they are built from.
 pub struct QuotaManager {
     cfg: ArcSwap<QuotaConfig>,
+    cluster: Option<Arc<Cluster>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     clock: DefaultClock,
     buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
@@ -430,8 +532,15 @@ pub struct QuotaManager {
 
 impl QuotaManager {
     pub fn new(cfg: QuotaConfig) -> Arc<QuotaManager> {
+        QuotaManager::with_cluster(cfg, None)
+    }
+
+    /// With `cluster`, every decision is made by the shared store (one atomic script), with a
+    /// local fallback at 1/`max_replicas` while it is unreachable.
+    pub fn with_cluster(cfg: QuotaConfig, cluster: Option<Arc<Cluster>>) -> Arc<QuotaManager> {
         let mgr = Arc::new(QuotaManager {
             cfg: ArcSwap::from_pointee(cfg),
+            cluster,
             shutdown: tokio::sync::watch::Sender::new(false),
             clock: DefaultClock::default(),
             buckets: Mutex::new(HashMap::new()),
@@ -486,6 +595,7 @@ impl QuotaManager {
             }
             limits.sort_by_key(|l| l.spec.window);
             state.limits = limits;
+            state.fallback.clear();
         }
         self.cfg.store(Arc::new(cfg));
     }
@@ -533,6 +643,7 @@ impl QuotaManager {
             gate: tokio::sync::Mutex::new(()),
             state: Mutex::new(BucketState {
                 limits,
+                fallback: Vec::new(),
                 hold_until: None,
             }),
             waiting: AtomicUsize::new(0),
@@ -540,6 +651,12 @@ impl QuotaManager {
             last_used: Mutex::new(Instant::now()),
             slowest,
             margin: cfg.safety_margin,
+            shared_base: format!(
+                "q:{}:{}:{}",
+                crate::operations::OperationTable::global().get(op).name,
+                key.app.as_deref().unwrap_or("*"),
+                key.user.as_deref().unwrap_or("*"),
+            ),
         });
         buckets.insert(key, bucket.clone());
         bucket
@@ -600,7 +717,11 @@ impl QuotaManager {
         };
         loop {
             let now = Instant::now();
-            match bucket.try_admit(now) {
+            let verdict = match &self.cluster {
+                None => bucket.try_admit(now),
+                Some(cluster) => self.admit_shared(&bucket, cluster, now, &cfg).await,
+            };
+            match verdict {
                 Ok(()) => {
                     bucket.in_flight.fetch_add(1, Ordering::Relaxed);
                     return Ok(Admission {
@@ -619,6 +740,39 @@ impl QuotaManager {
                     }
                 }
             }
+        }
+    }
+
+    /// One decision through the shared store, or the local fallback when it is unreachable.
+    async fn admit_shared(
+        &self,
+        bucket: &Bucket,
+        cluster: &Cluster,
+        now: Instant,
+        cfg: &QuotaConfig,
+    ) -> Result<(), Duration> {
+        {
+            let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+            Bucket::precheck(&mut state, now)?;
+        }
+        let limits = bucket.shared_limits(cluster);
+        match cluster
+            .gcra(&limits, cfg.longest_window() + cfg.safety_margin)
+            .await
+        {
+            Ok(None) => {
+                let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.fallback.clear();
+                bucket.record(&mut state, now, None);
+                Ok(())
+            }
+            Ok(Some(wait)) => Err(wait),
+            Err(_) => bucket.try_admit_fallback(
+                now,
+                &self.clock,
+                cfg.safety_margin,
+                cluster.config().max_replicas.get(),
+            ),
         }
     }
 

@@ -44,6 +44,9 @@ pub type SignInFuture<'a> = Pin<Box<dyn Future<Output = Result<Grant, SignInErro
 /// Obtains a token for an identity: App ID sign-in upstream in production, a fake in tests.
 pub trait Authenticator: Send + Sync + 'static {
     fn sign_in<'a>(&'a self, app: &'a AppConfig, user: &'a str) -> SignInFuture<'a>;
+
+    /// The upstream refused `token`: it must never be handed out again.
+    fn invalidated(&self, _token: &HeaderValue) {}
 }
 
 /// Which upstream identity a token belongs to. The corp comes with the app.
@@ -371,6 +374,9 @@ impl TokenCache {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if current.as_ref().is_some_and(|t| t.generation == generation) {
+            if let Some(t) = current.as_ref() {
+                self.inner.auth.invalidated(t.header());
+            }
             *current = None;
             tracing::info!(app = %slot.key.app, user = %slot.key.user, generation, "Token refused upstream; signing in again");
         }

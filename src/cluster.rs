@@ -1,0 +1,342 @@
+//! Replicas sharing one quota and one token per identity through Redis: an atomic GCRA script
+//! per decision, a token record with expiry, a sign-in lock, and a degraded mode (local
+//! fallbacks) while Redis is unreachable.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ClusterConfig;
+
+/// GCRA over every limit of one bucket, in one atomic step, on Redis' clock (so replicas need
+/// not agree on time). KEYS: one per limit, then the "alive" marker. ARGV: per limit its
+/// emission interval and tolerance in microseconds, then `drain` (1: a missing key counts as a
+/// spent burst). A missing alive marker means Redis lost its data (restarted empty, or first
+/// use): missing keys then count as spent too, so no replica is granted a fresh burst.
+/// Returns {1, 0} when admitted (every limit updated) or {0, wait_us} (nothing updated).
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS - 1
+local drain = tonumber(ARGV[2 * n + 1]) == 1
+if redis.call('EXISTS', KEYS[n + 1]) == 0 then
+  drain = true
+  redis.call('SET', KEYS[n + 1], '1')
+end
+local wait = 0
+local next_tat = {}
+for i = 1, n do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tau = tonumber(ARGV[2 * i])
+  local stored = redis.call('GET', KEYS[i])
+  local tat
+  if stored then
+    tat = tonumber(stored)
+  elseif drain then
+    tat = now + tau
+  else
+    tat = now
+  end
+  if tat < now then tat = now end
+  local allow_at = tat - tau
+  if now < allow_at then
+    if allow_at - now > wait then wait = allow_at - now end
+  end
+  next_tat[i] = tat + interval
+end
+if wait > 0 then return {0, wait} end
+for i = 1, n do
+  local ttl = math.floor((next_tat[i] - now) / 1000) + 1000
+  redis.call('SET', KEYS[i], string.format('%.0f', next_tat[i]), 'PX', ttl)
+end
+return {1, 0}
+"#;
+
+/// Deletes a key only if it still holds the given value.
+const DELETE_IF: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// A token as shared between replicas (the only secret meetgate puts in Redis).
+#[derive(Serialize, Deserialize)]
+pub struct SharedToken {
+    #[serde(rename = "t")]
+    pub token: String,
+    /// Epoch ms after which it must not be used.
+    #[serde(rename = "e")]
+    pub expires_at_ms: u64,
+    /// Epoch ms after which one replica should refresh it.
+    #[serde(rename = "r")]
+    pub refresh_at_ms: u64,
+}
+
+impl std::fmt::Debug for SharedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedToken")
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    #[error("redis timed out")]
+    Timeout,
+}
+
+/// The connection and the shared/degraded state of this replica.
+pub struct Cluster {
+    cfg: ClusterConfig,
+    client: Option<redis::Client>,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    last_attempt: Mutex<Option<Instant>>,
+    degraded: AtomicBool,
+    last_error: Mutex<String>,
+    /// When shared mode last resumed after a fallback period.
+    resumed_at: Mutex<Option<Instant>>,
+    pub fallbacks: AtomicU64,
+    gcra: redis::Script,
+    delete_if: redis::Script,
+}
+
+impl Cluster {
+    pub fn new(cfg: ClusterConfig) -> Arc<Cluster> {
+        let client = redis::Client::open(cfg.redis_url.expose_secret()).ok();
+        Arc::new(Cluster {
+            cfg,
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            last_attempt: Mutex::new(None),
+            degraded: AtomicBool::new(false),
+            last_error: Mutex::new(String::new()),
+            resumed_at: Mutex::new(None),
+            fallbacks: AtomicU64::new(0),
+            gcra: redis::Script::new(GCRA),
+            delete_if: redis::Script::new(DELETE_IF),
+        })
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
+    }
+
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.cfg.key_prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    /// Whether this replica is running on its local fallbacks, and why.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded.load(Ordering::Relaxed).then(|| {
+            self.last_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_default()
+        })
+    }
+
+    /// Shared mode resumed within the last `window`: missing keys count as a spent burst.
+    fn recently_resumed(&self, window: Duration) -> bool {
+        self.resumed_at
+            .lock()
+            .ok()
+            .and_then(|r| *r)
+            .is_some_and(|t| t.elapsed() < window)
+    }
+
+    fn failed(&self, e: &ClusterError) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = e.to_string();
+        }
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e, max_replicas = self.cfg.max_replicas.get(),
+                "Redis unavailable: falling back to local limits at 1/max_replicas and a local token cache");
+        }
+    }
+
+    fn succeeded(&self) {
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            if let Ok(mut r) = self.resumed_at.lock() {
+                *r = Some(Instant::now());
+            }
+            tracing::info!("Redis reachable again: shared limits and tokens resumed");
+        }
+    }
+
+    /// A connection, made on first use and retried at most once a second while Redis is down.
+    async fn connection(&self) -> Result<ConnectionManager, ClusterError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let client = self
+            .client
+            .clone()
+            .ok_or_else(|| ClusterError::Unavailable("invalid redis_url".into()))?;
+        {
+            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Err(ClusterError::Unavailable(
+                    "not connected (retrying every second)".into(),
+                ));
+            }
+            *last = Some(Instant::now());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.cfg.timeout))
+            .set_response_timeout(Some(self.cfg.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let manager = tokio::time::timeout(
+            self.cfg.timeout * 2,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| ClusterError::Timeout)?
+        .map_err(|e| ClusterError::Unavailable(format!("{:?}", e.kind())))?;
+        *guard = Some(manager.clone());
+        Ok(manager)
+    }
+
+    /// Runs one Redis operation under the timeout, tracking degraded mode.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, ClusterError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let result = async {
+            let conn = self.connection().await?;
+            match tokio::time::timeout(self.cfg.timeout, op(conn)).await {
+                Err(_) => Err(ClusterError::Timeout),
+                Ok(Err(e)) => Err(ClusterError::Unavailable(format!("{:?}", e.kind()))),
+                Ok(Ok(v)) => Ok(v),
+            }
+        }
+        .await;
+        match &result {
+            Ok(_) => self.succeeded(),
+            Err(e) => self.failed(e),
+        }
+        result
+    }
+
+    /// One shared GCRA decision over a bucket's limits: `None` when admitted, else the wait.
+    /// `limits` are (key, emission interval, tolerance).
+    pub async fn gcra(
+        &self,
+        limits: &[(String, Duration, Duration)],
+        longest_window: Duration,
+    ) -> Result<Option<Duration>, ClusterError> {
+        let drain = self.recently_resumed(longest_window);
+        let alive = self.key(&["alive"]);
+        let script = &self.gcra;
+        let (ok, wait_us): (i64, i64) = self
+            .run(|mut conn| async move {
+                let mut inv = script.prepare_invoke();
+                for (k, _, _) in limits {
+                    inv.key(k);
+                }
+                inv.key(&alive);
+                for (_, interval, tau) in limits {
+                    inv.arg(interval.as_micros() as u64)
+                        .arg(tau.as_micros() as u64);
+                }
+                inv.arg(u8::from(drain));
+                inv.invoke_async(&mut conn).await
+            })
+            .await?;
+        Ok((ok != 1).then(|| Duration::from_micros(wait_us.max(1) as u64)))
+    }
+
+    pub async fn get_token(&self, key: &str) -> Result<Option<SharedToken>, ClusterError> {
+        let raw: Option<String> = self
+            .run(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    pub async fn put_token(
+        &self,
+        key: &str,
+        token: &SharedToken,
+        now_ms: u64,
+    ) -> Result<(), ClusterError> {
+        let ttl = token.expires_at_ms.saturating_sub(now_ms).max(1);
+        let value =
+            serde_json::to_string(token).map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        self.run(|mut conn| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl)
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    /// Deletes the shared token at `key` if it is still `token` (a 401 invalidation).
+    pub async fn delete_token_if(
+        &self,
+        key: &str,
+        token: &SharedToken,
+    ) -> Result<(), ClusterError> {
+        let value =
+            serde_json::to_string(token).map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        let script = &self.delete_if;
+        self.run(|mut conn| async move {
+            script
+                .key(key)
+                .arg(value)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Takes the lock at `key` for `ttl` (it expires on its own if the holder dies).
+    pub async fn try_lock(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, ClusterError> {
+        let set: Option<String> = self
+            .run(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(holder)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis() as u64)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
+    pub async fn unlock(&self, key: &str, holder: &str) {
+        let script = &self.delete_if;
+        let _ = self
+            .run(|mut conn| async move {
+                script
+                    .key(key)
+                    .arg(holder)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+    }
+}
