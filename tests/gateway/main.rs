@@ -3,6 +3,7 @@
 
 mod access;
 mod cli;
+mod cluster;
 mod deploy;
 mod forwarding;
 mod hardening;
