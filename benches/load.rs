@@ -607,7 +607,9 @@ struct RunStats {
     cpu_us_per_req: f64,
     /// This bench process (load generator and simulator) CPU per request.
     gen_cpu_us_per_req: f64,
-    host_busy_pct: f64,
+    /// Share of the host's CPU capacity used by processes outside this bench (the generator,
+    /// the simulator and every proxy): nonzero means the figures are contaminated.
+    others_pct: f64,
     peak_rss_kib: u64,
     rss_after_kib: u64,
 }
@@ -624,6 +626,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 async fn load(
     target: &Target,
     proxy: Option<&Proxy>,
+    ours: &[u32],
     conns: usize,
     dur: Duration,
     ticks: f64,
@@ -641,6 +644,7 @@ async fn load(
     let sampler = RssSampler::start(pids.clone());
     let cpu0 = proxy.map_or(0, Proxy::cpu_ticks);
     let self0 = cpu_ticks(std::process::id());
+    let ours0: u64 = ours.iter().map(|p| cpu_ticks(*p)).sum();
     let host0 = host_jiffies();
     let start = Instant::now();
     let deadline = start + dur;
@@ -659,6 +663,7 @@ async fn load(
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = proxy.map_or(0, Proxy::cpu_ticks);
     let self1 = cpu_ticks(std::process::id());
+    let ours1: u64 = ours.iter().map(|p| cpu_ticks(*p)).sum();
     let host1 = host_jiffies();
     let peak_rss_kib = sampler.finish();
     let rss_after_kib = rss_kib(&pids);
@@ -678,7 +683,8 @@ async fn load(
             f64::NAN
         },
         gen_cpu_us_per_req: per_req(self1 - self0),
-        host_busy_pct: 100.0 * (host1.0 - host0.0) as f64 / host_total,
+        // /proc/stat counts in the same USER_HZ ticks as /proc/<pid>/stat.
+        others_pct: 100.0 * (host1.0 - host0.0).saturating_sub(ours1 - ours0) as f64 / host_total,
         peak_rss_kib,
         rss_after_kib,
     })
@@ -760,7 +766,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         "errors",
         "peak RSS MiB",
         "gen CPU µs/req",
-        "host busy"
+        "others CPU"
     );
     for t in targets {
         let Some(runs) = results.get(&(t.clone(), c)) else {
@@ -778,7 +784,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
             errors,
             mib(median(col(|r| r.peak_rss_kib as f64))),
             format!("{:.1}", median(col(|r| r.gen_cpu_us_per_req))),
-            median(col(|r| r.host_busy_pct)),
+            median(col(|r| r.others_pct)),
         );
     }
     let mg = LAYER_VARIANTS[0].0;
@@ -913,9 +919,18 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         tls: Some((TlsConnector::from(Arc::new(tls)), token)),
     };
 
+    let ours: Vec<u32> = std::iter::once(std::process::id())
+        .chain(proxies.iter().flat_map(Proxy::pids))
+        .collect();
+    println!(
+        "load average before the runs: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
     let max_c = s.conns.iter().copied().max().unwrap_or(1);
     for p in &proxies {
-        load(&plain(p.addr), Some(p), max_c, WARMUP, ticks).await?;
+        load(&plain(p.addr), Some(p), &ours, max_c, WARMUP, ticks).await?;
         p.take_access_lines();
     }
 
@@ -935,7 +950,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
                 } else {
                     Perf(None)
                 };
-                let r = load(&plain(p.addr), Some(p), c, s.seconds, ticks).await?;
+                let r = load(&plain(p.addr), Some(p), &ours, c, s.seconds, ticks).await?;
                 perf.stop();
                 let entry = log_lines.entry(p.name.clone()).or_default();
                 entry.0 += p.take_access_lines();
@@ -947,7 +962,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
                 results.entry((p.name.clone(), c)).or_default().push(r);
             }
             if c == 1 {
-                let r = load(&direct, None, 1, s.seconds, ticks).await?;
+                let r = load(&direct, None, &ours, 1, s.seconds, ticks).await?;
                 eprintln!(
                     "round {round} c=1   {DIRECT:<13} {:>8.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs",
                     r.rps, r.p50_us, r.p99_us

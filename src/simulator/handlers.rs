@@ -144,6 +144,69 @@ impl Reply {
 struct Trace {
     verdict: Option<Verdict>,
     admitted_at: Option<Instant>,
+    /// A fault that applies to the response body once the headers are out.
+    body_fault: Option<Fault>,
+}
+
+/// A response body: whole, or cut in two by a body fault.
+pub(crate) enum SimBody {
+    Whole(Full<Bytes>),
+    Faulty {
+        first: Option<Bytes>,
+        rest: Option<Bytes>,
+        /// Before the rest: a slow body waits; a reset body fails instead of sending it.
+        delay: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+        reset: bool,
+        len: u64,
+    },
+}
+
+impl http_body::Body for SimBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        match self.get_mut() {
+            SimBody::Whole(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            SimBody::Faulty {
+                first,
+                rest,
+                delay,
+                reset,
+                ..
+            } => {
+                if let Some(f) = first.take() {
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(f))));
+                }
+                if *reset {
+                    if rest.take().is_some() {
+                        return Poll::Ready(Some(Err(Box::new(ResetConnection))));
+                    }
+                    return Poll::Ready(None);
+                }
+                if let Some(d) = delay.as_mut() {
+                    if std::future::Future::poll(d.as_mut(), cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    *delay = None;
+                }
+                Poll::Ready(rest.take().map(|r| Ok(http_body::Frame::data(r))))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            SimBody::Whole(b) => b.size_hint(),
+            SimBody::Faulty { len, .. } => http_body::SizeHint::with_exact(*len),
+        }
+    }
 }
 
 impl Sim {
@@ -174,7 +237,7 @@ impl Sim {
         self: std::sync::Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> Result<Response<Full<Bytes>>, ResetConnection> {
+    ) -> Result<Response<SimBody>, ResetConnection> {
         let arrived = Instant::now();
         let (parts, body) = req.into_parts();
         let request_id = header_str(&parts.headers, &X_REQUEST_ID)
@@ -271,7 +334,28 @@ impl Sim {
             "Simulator answered"
         );
 
-        let mut response = Response::new(Full::new(reply.body));
+        let body = match trace.body_fault.take() {
+            Some(fault) => {
+                let mut whole = reply.body;
+                let len = whole.len() as u64;
+                let rest = whole.split_off(whole.len() / 2);
+                let (delay, reset) = match fault {
+                    Fault::SlowBody { delay, .. } => {
+                        (Some(Box::pin(tokio::time::sleep(delay))), false)
+                    }
+                    _ => (None, true),
+                };
+                SimBody::Faulty {
+                    first: Some(whole),
+                    rest: Some(rest),
+                    delay,
+                    reset,
+                    len,
+                }
+            }
+            None => SimBody::Whole(Full::new(reply.body)),
+        };
+        let mut response = Response::new(body);
         *response.status_mut() = reply.status;
         let h = response.headers_mut();
         h.insert(SERVER, HeaderValue::from_static("api-gateway"));
@@ -670,6 +754,9 @@ impl Sim {
                 ));
             }
             Some(Fault::Delay { delay, .. }) => tokio::time::sleep(delay).await,
+            Some(f @ (Fault::SlowBody { .. } | Fault::ResetMidBody { .. })) => {
+                trace.body_fault = Some(f);
+            }
             _ => {}
         }
 

@@ -68,6 +68,12 @@ pub enum Fault {
     /// A business request is read completely, then the connection (HTTP/1.1) or stream (h2) is
     /// dropped without an answer.
     ResetBeforeResponse { count: usize },
+    /// Business response headers go out at once, then half the body, then the rest after
+    /// `delay` (a slow upstream body).
+    SlowBody { delay: Duration, count: usize },
+    /// Business response headers and half the body go out, then the connection (HTTP/1.1) or
+    /// stream (h2) is reset: the request was processed, the answer never fully arrives.
+    ResetMidBody { count: usize },
 }
 
 /// One request as the simulator received it. `Debug` redacts credential headers.

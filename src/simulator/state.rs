@@ -281,6 +281,8 @@ impl Fault {
             | Fault::SignInStatus { count, .. }
             | Fault::SignInBody { count, .. }
             | Fault::Delay { count, .. }
+            | Fault::SlowBody { count, .. }
+            | Fault::ResetMidBody { count }
             | Fault::ResetBeforeResponse { count } => *count,
         }
     }
@@ -291,6 +293,8 @@ impl Fault {
             Fault::Throttle { .. } => FaultStage::BeforeLimits,
             Fault::BusinessStatus { .. }
             | Fault::Delay { .. }
+            | Fault::SlowBody { .. }
+            | Fault::ResetMidBody { .. }
             | Fault::ResetBeforeResponse { .. } => FaultStage::AfterAdmission,
         }
     }

@@ -475,3 +475,73 @@ async fn certificates_for_another_name_or_expired_are_refused() {
         gw.stop().await;
     }
 }
+
+/// Sends a POST start and reads the whole answer: the status, or the body error.
+async fn start_and_read(gw: &TestGateway) -> (StatusCode, Result<bytes::Bytes, String>) {
+    use http_body_util::BodyExt;
+    let req = http::Request::post(gw.url(START))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(BODY)))
+        .expect("request");
+    let resp = gw.client.request(req).await.expect("headers arrive");
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string());
+    (status, body)
+}
+
+#[tokio::test]
+async fn slow_or_broken_upstream_bodies_are_cut_off_and_the_gateway_recovers() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            upstream: "body_timeout = \"300ms\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+
+    // A body that stalls longer than body_timeout: the client's body ends in an error, not a hang.
+    sim.inject(Fault::SlowBody {
+        delay: Duration::from_secs(5),
+        count: 1,
+    });
+    let (status, body) = tokio::time::timeout(Duration::from_secs(4), start_and_read(&gw))
+        .await
+        .expect("cut off well before the upstream's 5 s stall");
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.is_err(),
+        "an incomplete body is reported as such: {body:?}"
+    );
+
+    // A body that stalls less than body_timeout arrives whole.
+    sim.inject(Fault::SlowBody {
+        delay: Duration::from_millis(50),
+        count: 1,
+    });
+    let (_, body) = start_and_read(&gw).await;
+    assert!(body.is_ok_and(|b| serde_json::from_slice::<serde_json::Value>(&b).is_ok()));
+
+    // A reset mid-body: processed upstream once, never replayed, the client sees the break.
+    sim.clear_requests();
+    sim.inject(Fault::ResetMidBody { count: 1 });
+    let (status, body) = start_and_read(&gw).await;
+    // Over h2 the reset can overtake the headers: then it is a clean 502 instead.
+    if status == StatusCode::BAD_GATEWAY {
+        let v: serde_json::Value =
+            serde_json::from_slice(&body.expect("error body")).expect("json");
+        assert_eq!(v["error_code"], "MEETGATE.UPSTREAM_UNREACHABLE");
+    } else {
+        assert!(body.is_err(), "{body:?}");
+    }
+    assert_eq!(received(&sim, START).len(), 1, "not replayed");
+
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK, "recovered");
+    gw.stop().await;
+}
