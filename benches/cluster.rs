@@ -28,7 +28,10 @@ fn cpu_of(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-async fn gateway(sim: &simulator::SimHandle, extra: &str) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+async fn gateway(
+    sim: &simulator::SimHandle,
+    extra: &str,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let dir = std::env::temp_dir().join(format!("meetgate-bench-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let ca = dir.join("ca.pem");
@@ -41,7 +44,9 @@ async fn gateway(sim: &simulator::SimHandle, extra: &str) -> (std::net::SocketAd
         ca.display().to_string()
     );
     let config = meetgate::config::load_str(&toml, &Default::default()).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -55,13 +60,19 @@ async fn gateway(sim: &simulator::SimHandle, extra: &str) -> (std::net::SocketAd
 
 async fn post(client: &HttpClient, addr: std::net::SocketAddr) -> bool {
     let req = http::Request::post(format!("http://{addr}/v1/mmc/management/conferences/start"))
-        .body(Full::new(Bytes::from_static(br#"{"conferenceID":"1","password":"p"}"#)))
+        .body(Full::new(Bytes::from_static(
+            br#"{"conferenceID":"1","password":"p"}"#,
+        )))
         .expect("request");
     matches!(client.request(req).await, Ok(r) if r.status() == 200)
 }
 
 /// Sequential requests on one connection for `secs`: (requests, p50, process+redis CPU).
-async fn run(addr: std::net::SocketAddr, secs: u64, redis_pid: Option<u32>) -> (u64, Duration, Duration) {
+async fn run(
+    addr: std::net::SocketAddr,
+    secs: u64,
+    redis_pid: Option<u32>,
+) -> (u64, Duration, Duration) {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     while !post(&client, addr).await {}
     let me = std::process::id();
@@ -81,10 +92,25 @@ async fn run(addr: std::net::SocketAddr, secs: u64, redis_pid: Option<u32>) -> (
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let secs: u64 = std::env::var("CLUSTER_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let secs: u64 = std::env::var("CLUSTER_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
     let mut redis = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server on PATH");
@@ -97,10 +123,17 @@ async fn main() {
     .await
     .expect("simulator");
     let (single, stop1) = gateway(&sim, "").await;
-    let (shared, stop2) = gateway(&sim, &format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\n")).await;
+    let (shared, stop2) = gateway(
+        &sim,
+        &format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\n"),
+    )
+    .await;
     println!("cluster bench: 1 connection, sequential POSTs, {secs} s per mode, 2 rounds");
     for round in 1..=2 {
-        for (name, addr, pid) in [("single", single, None), ("shared", shared, Some(redis.id()))] {
+        for (name, addr, pid) in [
+            ("single", single, None),
+            ("shared", shared, Some(redis.id())),
+        ] {
             let (n, p50, cpu) = run(addr, secs, pid).await;
             println!(
                 "round {round} {name:>6}: {n:>6} requests, {:>7.0} req/s, p50 {:>6.1} us, CPU {:>5.1} us/request (this process{})",
