@@ -2,13 +2,14 @@
 //! `cargo bench --bench cluster` (needs `redis-server` on PATH). Everything runs on loopback:
 //! the simulator and the gateway in this process, Redis beside it.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+mod common;
+
 use meetgate::simulator::{self, SimApp, SimConfig, SimLimits};
 
 const APP_ID: &str = "bench-cluster-app-0123456789abcd";
@@ -26,36 +27,6 @@ fn cpu_of(pid: u32) -> Duration {
         .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok()))
         .sum();
     Duration::from_millis(ticks * 10)
-}
-
-async fn gateway(
-    sim: &simulator::SimHandle,
-    extra: &str,
-) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let dir = std::env::temp_dir().join(format!("meetgate-bench-cluster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, sim.ca_pem()).expect("ca");
-    let toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\nca_file = {:?}\n\
-         [quota]\nper_api_per_minute = 1000000\nall_env_per_second = 1000000\nburst = 100000\n\
-         [[apps]]\napp_id = \"{APP_ID}\"\napp_key = \"{APP_KEY}\"\n[log]\nlevel = \"warn\"\n{extra}",
-        sim.url(),
-        ca.display().to_string()
-    );
-    let config = meetgate::config::load_str(&toml, &Default::default()).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = meetgate::run(Arc::new(config), listener, None, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    (addr, tx)
 }
 
 async fn post(client: &HttpClient, addr: std::net::SocketAddr) -> bool {
@@ -122,10 +93,14 @@ async fn main() {
     })
     .await
     .expect("simulator");
-    let (single, stop1) = gateway(&sim, "").await;
-    let (shared, stop2) = gateway(
+    const NO_BINDING: &str =
+        "[quota]\nper_api_per_minute = 1000000\nall_env_per_second = 1000000\nburst = 100000\n";
+    let (single, stop1) = common::gateway(&sim, APP_ID, APP_KEY, NO_BINDING).await;
+    let (shared, stop2) = common::gateway(
         &sim,
-        &format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\n"),
+        APP_ID,
+        APP_KEY,
+        &format!("{NO_BINDING}[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\n"),
     )
     .await;
     println!("cluster bench: 1 connection, sequential POSTs, {secs} s per mode, 2 rounds");

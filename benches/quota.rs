@@ -7,13 +7,14 @@
 //! the allowance used is therefore a little lower here than with real one-minute windows
 //! (expected steady share: (N - b + 1) / (W + margin) per W of N).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+mod common;
+
 use meetgate::simulator::{self, SimApp, SimConfig, SimLimit, SimLimits, WindowKind};
 
 const N: u32 = 100;
@@ -44,34 +45,15 @@ async fn post(client: &HttpClient, addr: std::net::SocketAddr) -> u16 {
     }
 }
 
-async fn gateway(
+async fn quota_gateway(
     sim: &simulator::SimHandle,
     max_wait: &str,
 ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let dir = std::env::temp_dir().join(format!("meetgate-bench-quota-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, sim.ca_pem()).expect("ca");
-    let toml = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\nca_file = {:?}\n\
-         [quota]\nmax_wait = \"{max_wait}\"\nper_api_per_minute = {N}\nper_api_window = \"6s\"\nall_env_per_second = 200\n\
-         burst = {BURST}\nsafety_margin = \"100ms\"\n[[apps]]\napp_id = \"{APP_ID}\"\napp_key = \"{APP_KEY}\"\n[log]\nlevel = \"warn\"\n",
-        sim.url(),
-        ca.display().to_string()
+    let quota = format!(
+        "[quota]\nmax_wait = \"{max_wait}\"\nper_api_per_minute = {N}\nper_api_window = \"6s\"\n\
+         all_env_per_second = 200\nburst = {BURST}\nsafety_margin = \"100ms\"\n"
     );
-    let config = meetgate::config::load_str(&toml, &Default::default()).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = meetgate::run(Arc::new(config), listener, None, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    (addr, tx)
+    common::gateway(sim, APP_ID, APP_KEY, &quota).await
 }
 
 async fn steady_flood(window: WindowKind, name: &str, windows: u32) {
@@ -87,7 +69,7 @@ async fn steady_flood(window: WindowKind, name: &str, windows: u32) {
     .await
     .expect("simulator");
     // Clients queue rather than spin on refusals: a flood that waits for its slots.
-    let (addr, stop) = gateway(&sim, "60s").await;
+    let (addr, stop) = quota_gateway(&sim, "60s").await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     // Warm up the token without spending the measured window.
     while post(&client, addr).await != 200 {}
@@ -137,7 +119,7 @@ async fn burst_after_idle(size: usize) {
     })
     .await
     .expect("simulator");
-    let (addr, stop) = gateway(&sim, "30s").await;
+    let (addr, stop) = quota_gateway(&sim, "30s").await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     // Open the connections (client and upstream pools) first, then let the bucket refill, so
     // what is measured is the queue, not handshakes.

@@ -462,6 +462,15 @@ pub struct SdkConfig {
     pub max_sessions: usize,
 }
 
+impl AppConfig {
+    /// Whether `other` signs in exactly as this app does (same id, corp and key).
+    pub fn same_credentials(&self, other: &AppConfig) -> bool {
+        self.app_id == other.app_id
+            && self.corp_id == other.corp_id
+            && self.app_key.expose_secret() == other.app_key.expose_secret()
+    }
+}
+
 /// One App ID credential.
 #[derive(Debug, Clone)]
 pub struct AppConfig {
@@ -638,6 +647,14 @@ impl Checker {
         }
         v
     }
+}
+
+/// App and client names appear in logs, metrics labels and Redis keys: keep them plain.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
 }
 
 fn quoted(s: &str) -> String {
@@ -1095,11 +1112,7 @@ fn validate_clients(
         let prefix = format!("clients[{i}]");
         let key = |field: &str| format!("{prefix}.{field}");
         let name = rc.name.unwrap_or_default();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
-        {
+        if !valid_name(&name) {
             c.problem(
                 key("name"),
                 quoted(&name),
@@ -1389,11 +1402,7 @@ fn validate_app(
             format!("app{i}")
         }
     });
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
-    {
+    if !valid_name(&name) {
         c.problem(
             key("name"),
             quoted(&name),

@@ -308,12 +308,7 @@ impl Gateway {
                 .apps
                 .iter()
                 .find(|a| a.name == app.name)
-                .is_none_or(|a| {
-                    a.app_id != app.app_id
-                        || a.corp_id != app.corp_id
-                        || a.user_id != app.user_id
-                        || a.app_key.expose_secret() != app.app_key.expose_secret()
-                });
+                .is_none_or(|a| !a.same_credentials(app) || a.user_id != app.user_id);
             if changed {
                 summary.apps_changed.push(app.name.clone());
                 self.tokens.update_app(&Arc::new(app.clone()));

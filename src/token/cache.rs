@@ -237,11 +237,7 @@ impl TokenCache {
     /// changed, its token is dropped so the next use (or the refresher, at once) signs in anew.
     pub fn update_app(&self, app: &Arc<AppConfig>) {
         let slots: Vec<Arc<Slot>> = {
-            let slots = self
-                .inner
-                .slots
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let slots = self.slots();
             slots
                 .values()
                 .filter(|s| *s.key.app == *app.name)
@@ -249,10 +245,7 @@ impl TokenCache {
                 .collect()
         };
         for slot in slots {
-            let old = slot.app.load_full();
-            let changed = old.app_id != app.app_id
-                || old.corp_id != app.corp_id
-                || old.app_key.expose_secret() != app.app_key.expose_secret();
+            let changed = !slot.app.load().same_credentials(app);
             slot.app.store(app.clone());
             if changed {
                 *slot
@@ -269,13 +262,17 @@ impl TokenCache {
         &self.inner.stats
     }
 
-    /// The slot for (app, user), created (and its refresher started) on first use.
-    pub fn slot(&self, app: &Arc<AppConfig>, user: &str) -> Arc<Slot> {
-        let mut slots = self
-            .inner
+    /// The slot map; nothing panics while holding it, so a poisoned lock is still consistent.
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<TokenKey, Arc<Slot>>> {
+        self.inner
             .slots
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The slot for (app, user), created (and its refresher started) on first use.
+    pub fn slot(&self, app: &Arc<AppConfig>, user: &str) -> Arc<Slot> {
+        let mut slots = self.slots();
         let probe = TokenKey {
             app: Arc::from(app.name.as_str()),
             user: Arc::from(user),
@@ -309,11 +306,7 @@ impl TokenCache {
     /// Drops identities idle for longer than `token.identity_idle` (their refreshers end with
     /// them). Slots in use elsewhere, such as the apps' default identities, are kept.
     pub fn evict_idle(&self) -> usize {
-        let mut slots = self
-            .inner
-            .slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slots = self.slots();
         evict(
             &mut slots,
             self.inner.clock.now_ms(),
@@ -332,12 +325,7 @@ impl TokenCache {
 
     /// Every slot's key and current token, for readiness and metrics.
     pub fn snapshot(&self) -> Vec<(TokenKey, Option<Arc<Token>>)> {
-        let slots = self
-            .inner
-            .slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        slots
+        self.slots()
             .values()
             .map(|s| (s.key.clone(), s.current()))
             .collect()
