@@ -3,11 +3,11 @@
 //! what it measures and how to read it is in `benches/README.md`.
 //!
 //! Environment: `LOAD_SECONDS` (per run, default 5), `LOAD_ROUNDS` (default 3),
-//! `LOAD_CONNS` (comma list, default `1,16,64`), `LOAD_KEEP_DIR=1` (keep the temp dir with the
-//! configs and logs), `LOAD_PERF_OUT=FILE` (`perf record` meetgate during round 1 at 16
-//! connections, or the first connection count given).
+//! `LOAD_CONNS` (comma list, default `1,16,64`), `LOAD_NGINX` (`off`, or the nginx binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the
+//! configs and logs), `LOAD_PERF_OUT=FILE` (`perf record` meetgate in one extra, unreported
+//! run at 16 connections, or the first connection count given, after the rounds).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -44,13 +44,16 @@ const NON_BINDING_QUOTA: &str = "[quota]\nenabled = true\nper_api_per_minute = 1
      all_env_per_second = 100000000\nburst = 1000000\n";
 
 /// The meetgate processes to run, each with TOML appended to the common config (so each must
-/// bring its own `[quota]` table). The first is the one compared with nginx; the others are
+/// bring its own `[quota]` table, and may bring a `[log]` table that replaces the default one). The first is the one compared with nginx; the others are
 /// compared with it, which is how the cost of a layer is measured (on vs off). The token layer
 /// cannot be switched off by configuration; nginx, which injects a fixed token, stands for
 /// "no token layer".
 const LAYER_VARIANTS: &[(&str, &str)] = &[
     ("meetgate", NON_BINDING_QUOTA),
     ("mg-quota-off", "[quota]\nenabled = false\n"),
+    // HTTP/1.1 keep-alive to the upstream, as nginx does (`upstream.http2 = false`). A line
+    // starting with `upstream.` is placed in the `[upstream]` section.
+    ("mg-http1", "upstream.http2 = false\n[quota]\nper_api_per_minute = 100000000\nall_env_per_second = 100000000\nburst = 1000000\n"),
 ];
 
 const NGINX: &str = "nginx";
@@ -137,10 +140,12 @@ fn host_jiffies() -> (u64, u64) {
         .unwrap_or("")
         .split_whitespace()
         .skip(1)
+        // user nice system idle iowait irq softirq steal; guest time is already in user.
+        .take(8)
         .filter_map(|x| x.parse().ok())
         .collect();
     let total: u64 = v.iter().sum();
-    // idle + iowait are not busy.
+    // idle + iowait are not busy; steal is (another guest took the CPU).
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (total.saturating_sub(idle), total)
 }
@@ -232,6 +237,14 @@ struct Proxy {
     access_log: PathBuf,
     /// Substring that marks an access-log line in that file.
     access_marker: &'static str,
+    /// Substring of an access-log line for a 200. Other access lines, and every other log
+    /// line, are kept in `<name>-kept.log` (the first ones) before the log is truncated.
+    ok_marker: &'static str,
+    /// Lines kept so far, and the first of them.
+    kept: std::cell::RefCell<(usize, Option<String>)>,
+    /// The access-log fields with the proxy's own total and upstream times (with a leading
+    /// space, so `rt=` does not match `urt=`), and their unit in ms.
+    time_fields: (&'static str, &'static str, f64),
     startup: Duration,
     idle_rss_kib: u64,
 }
@@ -250,22 +263,83 @@ impl Proxy {
     }
 
     /// Access-log lines since the last call; truncates the file.
-    fn take_access_lines(&self) -> usize {
+    fn take_access_lines(&self) -> LogView {
+        const KEEP_AT_MOST: usize = 10_000;
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(&self.access_log) {
             let _ = f.read_to_string(&mut text);
         }
-        let n = text
-            .lines()
-            .filter(|l| l.contains(self.access_marker))
-            .count();
+        let mut view = LogView::default();
+        let mut kept = self.kept.borrow_mut();
+        let (total_key, upstream_key, unit) = self.time_fields;
+        let field = |line: &str, key: &str| -> Option<f64> {
+            let v = &line[line.find(key)? + key.len()..];
+            let v = v.split([' ', ',']).next()?;
+            v.parse::<f64>().ok().map(|x| x * unit)
+        };
+        let mut out = String::new();
+        for line in text.lines() {
+            let access = line.contains(self.access_marker);
+            view.lines += usize::from(access);
+            let ok = access && line.contains(self.ok_marker);
+            if ok {
+                view.total_ms.extend(field(line, total_key));
+                view.upstream_ms.extend(field(line, upstream_key));
+            } else {
+                kept.0 += 1;
+                if kept.1.is_none() {
+                    kept.1 = Some(line.to_owned());
+                }
+                if kept.0 <= KEEP_AT_MOST {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        if !out.is_empty() {
+            let path = self
+                .access_log
+                .with_file_name(format!("{}-kept.log", self.name));
+            if let Ok(mut f) = append_file(&path) {
+                let _ = std::io::Write::write_all(&mut f, out.as_bytes());
+            }
+        }
         if let Ok(f) = std::fs::OpenOptions::new()
             .write(true)
             .open(&self.access_log)
         {
             let _ = f.set_len(0);
         }
-        n
+        view
+    }
+}
+
+/// What one run's access-log lines say.
+#[derive(Default)]
+struct LogView {
+    lines: usize,
+    /// Of the 200s: the proxy's own request time and upstream time, ms.
+    total_ms: Vec<f64>,
+    upstream_ms: Vec<f64>,
+}
+
+impl LogView {
+    /// (p50, p99) of the total and upstream times.
+    fn percentiles(mut self) -> [f64; 4] {
+        let p = |v: &mut Vec<f64>, q: f64| {
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            v.sort_by(f64::total_cmp);
+            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i]
+        };
+        [
+            p(&mut self.total_ms, 0.5),
+            p(&mut self.total_ms, 0.99),
+            p(&mut self.upstream_ms, 0.5),
+            p(&mut self.upstream_ms, 0.99),
+        ]
     }
 }
 
@@ -277,11 +351,27 @@ fn meetgate_config(
 ) -> Result<(PathBuf, SocketAddr), String> {
     let port = free_port()?;
     let admin = free_port()?;
+    // A variant may bring its own `[log]` (e.g. `level = "warn"`: no access log).
+    let log = if extra.contains("[log]") {
+        ""
+    } else {
+        "[log]\nformat = \"text\"\nlevel = \"info\"\n"
+    };
+    let upstream_extra: String = extra
+        .lines()
+        .filter_map(|l| l.strip_prefix("upstream."))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let extra: String = extra
+        .lines()
+        .filter(|l| !l.starts_with("upstream."))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let toml = format!(
         "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\n\
-         [upstream]\nurl = \"{}\"\nca_file = {:?}\n\n\
+         [upstream]\nurl = \"{}\"\nca_file = {:?}\n{upstream_extra}\n\
          [[apps]]\nname = \"default\"\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n\n\
-         [log]\nformat = \"text\"\nlevel = \"info\"\n\n{extra}",
+         {log}\n{extra}",
         sim.url(),
         ca_file.display().to_string(),
     );
@@ -337,6 +427,9 @@ async fn start_meetgate(
         guard,
         access_log: log,
         access_marker: "meetgate::access",
+        ok_marker: " status=200 ",
+        time_fields: (" total_ms=", " upstream_ms=", 1.0),
+        kept: Default::default(),
         startup,
         idle_rss_kib: 0,
     };
@@ -415,7 +508,7 @@ async fn start_nginx(
     token: &str,
     workers: usize,
 ) -> Result<Proxy, String> {
-    let Some(bin) = which("nginx") else {
+    let Some(bin) = nginx_binary() else {
         return Err("nginx not found".into());
     };
     let port = free_port()?;
@@ -452,9 +545,21 @@ async fn start_nginx(
         guard,
         access_log: dir.join("nginx-access.log"),
         access_marker: "upstream_request_id=",
+        ok_marker: "\" 200 ",
+        time_fields: (" rt=", " urt=", 1000.0),
+        kept: Default::default(),
         startup,
         idle_rss_kib: 0,
     })
+}
+
+/// `LOAD_NGINX`: `off`, or the binary to use; otherwise `nginx` from `PATH` or `/usr/sbin`.
+fn nginx_binary() -> Option<PathBuf> {
+    match std::env::var_os("LOAD_NGINX") {
+        Some(v) if v == "off" => None,
+        Some(v) => Some(PathBuf::from(v)).filter(|p| p.is_file()),
+        None => which("nginx"),
+    }
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -566,6 +671,8 @@ struct ConnResult {
     /// Microseconds per 200, send to end of body.
     latencies: Vec<u32>,
     errors: u64,
+    /// "HTTP 503", "send: connection closed ...": how many of each.
+    error_kinds: BTreeMap<String, u64>,
     sent: u64,
 }
 
@@ -581,11 +688,15 @@ async fn drive(mut sender: Sender, target: Target, deadline: Instant) -> ConnRes
             Ok(200) => r
                 .latencies
                 .push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX)),
-            Ok(_) => r.errors += 1,
-            Err(_) => {
+            Ok(status) => {
+                r.errors += 1;
+                *r.error_kinds.entry(format!("HTTP {status}")).or_default() += 1;
+            }
+            Err(e) => {
                 // A lost connection counts once and is replaced; if that fails, this
                 // connection's share of the run ends.
                 r.errors += 1;
+                *r.error_kinds.entry(e).or_default() += 1;
                 match connect(&target).await {
                     Ok(s) => sender = s,
                     Err(_) => break,
@@ -602,6 +713,7 @@ struct RunStats {
     p50_us: f64,
     p99_us: f64,
     errors: u64,
+    error_kinds: BTreeMap<String, u64>,
     sent: u64,
     /// Proxy process(es) CPU per successful request; NaN for direct.
     cpu_us_per_req: f64,
@@ -612,6 +724,10 @@ struct RunStats {
     others_pct: f64,
     peak_rss_kib: u64,
     rss_after_kib: u64,
+    /// From the proxy's access log, ms: p50 and p99 of its total time, then of its upstream
+    /// time (meetgate: `total_ms`, `upstream_ms`; nginx: `$request_time`,
+    /// `$upstream_response_time`, millisecond resolution).
+    log_ms: [f64; 4],
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -654,10 +770,14 @@ async fn load(
         .collect();
     let mut latencies = Vec::new();
     let (mut errors, mut sent) = (0, 0);
+    let mut error_kinds = BTreeMap::new();
     for t in tasks {
         let r = t.await.map_err(|e| format!("load task: {e}"))?;
         latencies.extend(r.latencies);
         errors += r.errors;
+        for (k, n) in r.error_kinds {
+            *error_kinds.entry(k).or_default() += n;
+        }
         sent += r.sent;
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -676,6 +796,7 @@ async fn load(
         p50_us: percentile(&latencies, 0.50),
         p99_us: percentile(&latencies, 0.99),
         errors,
+        error_kinds,
         sent,
         cpu_us_per_req: if proxy.is_some() {
             per_req(cpu1 - cpu0)
@@ -687,6 +808,7 @@ async fn load(
         others_pct: 100.0 * (host1.0 - host0.0).saturating_sub(ours1 - ours0) as f64 / host_total,
         peak_rss_kib,
         rss_after_kib,
+        log_ms: [f64::NAN; 4],
     })
 }
 
@@ -885,10 +1007,10 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         .into_iter()
         .next()
         .ok_or("the simulator issued no token")?;
-    match which("nginx") {
-        None => {
-            println!("nginx: not installed (`apt-get install -y nginx`); the nginx side is skipped")
-        }
+    match nginx_binary() {
+        None => println!(
+            "nginx: not found (`apt-get install -y nginx`) or LOAD_NGINX=off; the nginx side is skipped"
+        ),
         Some(_) => {
             let p = start_nginx(dir, &sim, &ca_file, &token, s.workers).await?;
             println!(
@@ -905,7 +1027,9 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     for p in &mut proxies {
         p.idle_rss_kib = rss_kib(&p.pids());
+        // Start-up lines are not worth reporting.
         p.take_access_lines();
+        *p.kept.borrow_mut() = (0, None);
     }
 
     let roots = CertificateDer::pem_slice_iter(sim.ca_pem().as_bytes())
@@ -945,19 +1069,17 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     for round in 1..=s.rounds {
         for &c in &s.conns {
             for p in &proxies {
-                let perf = if round == 1 && c == perf_c && p.name == LAYER_VARIANTS[0].0 {
-                    Perf::start(s.perf_out.as_deref(), p.guard.child.id())
-                } else {
-                    Perf(None)
-                };
-                let r = load(&plain(p.addr), Some(p), &ours, c, s.seconds, ticks).await?;
-                perf.stop();
+                let mut r = load(&plain(p.addr), Some(p), &ours, c, s.seconds, ticks).await?;
+                let view = p.take_access_lines();
                 let entry = log_lines.entry(p.name.clone()).or_default();
-                entry.0 += p.take_access_lines();
+                entry.0 += view.lines;
                 entry.1 += r.sent + c as u64;
+                r.log_ms = view.percentiles();
                 eprintln!(
-                    "round {round} c={c:<3} {:<13} {:>8.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs cpu {:>6.1} µs/req errors {}",
-                    p.name, r.rps, r.p50_us, r.p99_us, r.cpu_us_per_req, r.errors
+                    "round {round} c={c:<3} {:<13} {:>8.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs cpu {:>6.1} µs/req \
+                     | log total p50/p99 {:.2}/{:.2} ms upstream {:.2}/{:.2} ms | errors {} {:?}",
+                    p.name, r.rps, r.p50_us, r.p99_us, r.cpu_us_per_req,
+                    r.log_ms[0], r.log_ms[1], r.log_ms[2], r.log_ms[3], r.errors, r.error_kinds
                 );
                 results.entry((p.name.clone(), c)).or_default().push(r);
             }
@@ -970,6 +1092,20 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
                 results.entry((DIRECT.into(), 1)).or_default().push(r);
             }
         }
+    }
+
+    // Profiled in an extra, unreported run: perf slows its target down.
+    if let (Some(out), Some(p)) = (s.perf_out.as_deref(), proxies.first()) {
+        let perf = Perf::start(Some(out), p.guard.child.id());
+        let r = load(&plain(p.addr), Some(p), &ours, perf_c, s.seconds, ticks).await?;
+        perf.stop();
+        p.take_access_lines();
+        println!(
+            "perf: {} at {perf_c} connections for {:.0} s ({:.0} req/s under perf) -> {out}",
+            p.name,
+            s.seconds.as_secs_f64(),
+            r.rps
+        );
     }
 
     let mut targets: Vec<String> = LAYER_VARIANTS.iter().map(|v| v.0.to_owned()).collect();
@@ -1002,6 +1138,24 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
             mib(vm_hwm as f64),
         );
     }
+    let _ = writeln!(
+        out,
+        "access-log view, 200s only, ms, median over rounds: total p50 / p99 | upstream p50 / p99"
+    );
+    for &c in &s.conns {
+        for p in &proxies {
+            let m = |f: fn(&RunStats) -> f64| median(column(&results, &p.name, c, f));
+            let _ = writeln!(
+                out,
+                "  c={c:<3} {:<13} {:>6.2} / {:>6.2} | {:>6.2} / {:>6.2}",
+                p.name,
+                m(|r| r.log_ms[0]),
+                m(|r| r.log_ms[1]),
+                m(|r| r.log_ms[2]),
+                m(|r| r.log_ms[3]),
+            );
+        }
+    }
     let direct_p50 = median(column(&results, DIRECT, 1, |r| r.p50_us));
     if s.conns.contains(&1) {
         for p in &proxies {
@@ -1022,6 +1176,30 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
                 "{name:<13} vs {base} at {c:>2} conns: req/s {} CPU/req {}",
                 ratio(&results, name, base, c, |r| r.rps),
                 ratio(&results, name, base, c, |r| r.cpu_us_per_req),
+            );
+        }
+    }
+    for t in &targets {
+        let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+        for c in &s.conns {
+            for r in results.get(&(t.clone(), *c)).into_iter().flatten() {
+                for (k, n) in &r.error_kinds {
+                    *kinds.entry(k).or_default() += n;
+                }
+            }
+        }
+        if !kinds.is_empty() {
+            let _ = writeln!(out, "{t:<13} errors: {kinds:?}");
+        }
+    }
+    for p in &proxies {
+        let kept = p.kept.borrow();
+        if let Some(first) = &kept.1 {
+            let first: String = first.chars().take(600).collect();
+            let _ = writeln!(
+                out,
+                "{:<13} {} log lines other than 200 access lines (kept in {}-kept.log); first: {first}",
+                p.name, kept.0, p.name
             );
         }
     }

@@ -112,6 +112,7 @@ struct RawUpstream {
     tls_timeout: Option<String>,
     request_timeout: Option<String>,
     body_timeout: Option<String>,
+    http2: Option<bool>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
 }
@@ -234,6 +235,8 @@ pub struct UpstreamConfig {
     pub request_timeout: Duration,
     /// Longest silence while the upstream streams a response body.
     pub body_timeout: Duration,
+    /// Offer HTTP/2 in ALPN (used when the upstream accepts it); HTTP/1.1 keep-alive otherwise.
+    pub http2: bool,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
 }
@@ -1378,6 +1381,7 @@ fn validate_upstream(c: &mut Checker, u: RawUpstream) -> UpstreamConfig {
             "30s",
         ),
         body_timeout: c.duration("upstream.body_timeout", u.body_timeout.as_deref(), "30s"),
+        http2: u.http2.unwrap_or(true),
         pool_idle_timeout: c.duration(
             "upstream.pool_idle_timeout",
             u.pool_idle_timeout.as_deref(),
@@ -1474,6 +1478,7 @@ struct PrintedUpstream {
     tls_timeout: String,
     request_timeout: String,
     body_timeout: String,
+    http2: bool,
     pool_idle_timeout: String,
     pool_max_idle_per_host: usize,
 }
@@ -1568,6 +1573,7 @@ impl Config {
                 tls_timeout: dur(u.tls_timeout),
                 request_timeout: dur(u.request_timeout),
                 body_timeout: dur(u.body_timeout),
+                http2: u.http2,
                 pool_idle_timeout: dur(u.pool_idle_timeout),
                 pool_max_idle_per_host: u.pool_max_idle_per_host,
             },

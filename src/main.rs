@@ -87,10 +87,13 @@ fn main() -> ExitCode {
         },
         |c| c.log.clone(),
     );
-    if let Err(e) = telemetry::init(&log) {
-        eprintln!("meetgate: logging: {e}");
-        return ExitCode::from(EX_USAGE);
-    }
+    let _log_guard = match telemetry::init(&log) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("meetgate: logging: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

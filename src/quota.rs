@@ -223,10 +223,14 @@ impl Limit {
     /// or the upstream's counters would look like someone else's traffic.
     fn prune(&mut self, now: Instant, margin: Duration) {
         let horizon = self.spec.window + margin;
-        while self
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= horizon)
+        // More than `limit` entries say nothing more (the upstream cannot have counted more
+        // of ours than it allows): the log stays bounded by the limit.
+        let cap = self.spec.limit.get() as usize + 1;
+        while self.recent.len() > cap
+            || self
+                .recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= horizon)
         {
             self.recent.pop_front();
         }

@@ -99,6 +99,14 @@ pub enum UpstreamBuildError {
 
 /// The rustls client configuration: webpki roots plus the extra roots, ALPN h2 and http/1.1.
 pub fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Result<ClientConfig, rustls::Error> {
+    tls_config_with(extra_roots, true)
+}
+
+/// As [`tls_config`], offering HTTP/2 in ALPN only when `http2`.
+pub fn tls_config_with(
+    extra_roots: &[CertificateDer<'static>],
+    http2: bool,
+) -> Result<ClientConfig, rustls::Error> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in extra_roots {
@@ -109,13 +117,17 @@ pub fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Result<ClientConfi
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(config)
 }
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamBuildError> {
-        let tls = tls_config(&cfg.extra_roots)?;
+        let tls = tls_config_with(&cfg.extra_roots, cfg.http2)?;
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
@@ -131,6 +143,11 @@ impl Upstream {
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            // A response body the client stopped reading once it had Content-Length bytes
+            // cancels its stream; h2 counts those as local resets and by default closes the
+            // connection (GOAWAY) after 1024 of them, failing every request in flight on it.
+            // The upstream is ours to trust, so no cap.
+            .http2_max_local_error_reset_streams(None)
             .build(connector);
         let scheme_authority = cfg.url.to_string().trim_end_matches('/').into();
         Ok(Upstream {

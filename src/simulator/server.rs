@@ -29,6 +29,8 @@ pub(crate) async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    // Small answers must not wait for Nagle and the peer's delayed ACK.
+                    let _ = tcp.set_nodelay(true);
                     conns.spawn(serve_conn(
                         tcp,
                         peer,

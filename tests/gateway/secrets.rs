@@ -16,6 +16,9 @@ async fn no_secret_reaches_logs_errors_metrics_or_debug() {
         .with_writer(capture.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests in this binary run without a subscriber; a callsite first hit there may have
+    // cached "never interested". Recompute with this one in place.
+    tracing::callsite::rebuild_interest_cache();
 
     let sim = default_sim().await;
     let gw = gateway_with(&sim).await;
