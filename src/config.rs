@@ -1451,14 +1451,53 @@ struct Printed<'a> {
     admin_listen: String,
     shutdown_grace: String,
     reload_interval: String,
+    allow_unauthenticated: bool,
     upstream: PrintedUpstream,
     token: PrintedToken,
     limits: PrintedLimits,
     quota: PrintedQuota,
     apps: Vec<PrintedApp<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    clients: Vec<PrintedClient<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<PrintedTls>,
+    sdk: PrintedSdk,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<PrintedCluster>,
     log: PrintedLog<'a>,
+}
+
+#[derive(Serialize)]
+struct PrintedClient<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_sha256: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_key_env: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_key_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_key: Option<&'static str>,
+    apps: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    users: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    operations: Option<&'a [String]>,
+}
+
+#[derive(Serialize)]
+struct PrintedTls {
+    cert_file: String,
+    key_file: String,
+    handshake_timeout: String,
+}
+
+#[derive(Serialize)]
+struct PrintedSdk {
+    session_lifetime: String,
+    max_sessions: usize,
 }
 
 #[derive(Serialize)]
@@ -1485,6 +1524,8 @@ struct PrintedUpstream {
 
 #[derive(Serialize)]
 struct PrintedToken {
+    max_identities: usize,
+    identity_idle: String,
     refresh_at: f64,
     refresh_jitter: f64,
     signature_lifetime: String,
@@ -1566,6 +1607,7 @@ impl Config {
             admin_listen: self.admin_listen.to_string(),
             shutdown_grace: dur(self.shutdown_grace),
             reload_interval: dur(self.reload_interval),
+            allow_unauthenticated: self.allow_unauthenticated,
             upstream: PrintedUpstream {
                 url: u.url.to_string().trim_end_matches('/').to_owned(),
                 ca_file: u.ca_file.as_ref().map(|p| p.display().to_string()),
@@ -1578,6 +1620,8 @@ impl Config {
                 pool_max_idle_per_host: u.pool_max_idle_per_host,
             },
             token: PrintedToken {
+                max_identities: t.max_identities,
+                identity_idle: dur(t.identity_idle),
                 refresh_at: t.refresh_at,
                 refresh_jitter: t.refresh_jitter,
                 signature_lifetime: dur(t.signature_lifetime),
@@ -1647,6 +1691,40 @@ impl Config {
                     user_id: &a.user_id,
                 })
                 .collect(),
+            clients: self
+                .clients
+                .iter()
+                .map(|c| {
+                    let source = c.sdk.as_ref().map(|s| &s.key_source);
+                    PrintedClient {
+                        name: &c.name,
+                        // A key's digest still identifies it: not printed either.
+                        key_sha256: c.key_sha256.map(|_| REDACTED),
+                        app_id: c.sdk.as_ref().map(|s| s.app_id.as_str()),
+                        app_key_env: match source {
+                            Some(KeySource::Env(v)) => Some(v.as_str()),
+                            _ => None,
+                        },
+                        app_key_file: match source {
+                            Some(KeySource::File(p)) => Some(p.display().to_string()),
+                            _ => None,
+                        },
+                        app_key: c.sdk.as_ref().map(|_| REDACTED),
+                        apps: &c.apps,
+                        users: c.users.as_ref().map(|p| p.patterns.as_slice()),
+                        operations: c.operations.as_ref().map(|p| p.patterns.as_slice()),
+                    }
+                })
+                .collect(),
+            tls: self.tls.as_ref().map(|t| PrintedTls {
+                cert_file: t.cert_file.display().to_string(),
+                key_file: t.key_file.display().to_string(),
+                handshake_timeout: dur(t.handshake_timeout),
+            }),
+            sdk: PrintedSdk {
+                session_lifetime: dur(self.sdk.session_lifetime),
+                max_sessions: self.sdk.max_sessions,
+            },
             cluster: self.cluster.as_ref().map(|cl| PrintedCluster {
                 redis_url: redact_url(cl.redis_url.expose_secret()),
                 key_prefix: cl.key_prefix.clone(),
@@ -1827,6 +1905,47 @@ mod tests {
         assert!(c
             .to_redacted_toml()
             .contains("[quota.operations.start_meeting]"));
+    }
+
+    #[test]
+    fn the_printed_config_loads_again_and_shows_every_section_without_secrets() {
+        let text = r#"
+            [[apps]]
+            app_id = "a"
+            app_key_env = "K"
+            [[clients]]
+            name = "c1"
+            key_sha256 = "0000000000000000000000000000000000000000000000000000000000000001"
+            users = ["alice*"]
+            [[clients]]
+            name = "c2"
+            app_id = "sdk-app"
+            app_key_env = "CK"
+            [cluster]
+            redis_url = "redis://user:hunter2@127.0.0.1:6379/0"
+        "#;
+        let env = env(&[("K", "app-secret"), ("CK", "client-secret")]);
+        let c = load_str(text, &env).expect("valid");
+        let printed = c.to_redacted_toml();
+        for secret in [
+            "app-secret",
+            "client-secret",
+            "hunter2",
+            "0000000000000000000000000000000000000000000000000000000000000001",
+        ] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        for section in [
+            "[[clients]]",
+            "[cluster]",
+            "[sdk]",
+            "[quota]",
+            "[limits]",
+            "[token]",
+        ] {
+            assert!(printed.contains(section), "{section} in {printed}");
+        }
+        assert!(printed.contains("redis://[redacted]@127.0.0.1:6379/0"));
     }
 
     #[test]
