@@ -138,28 +138,9 @@ async fn run_subcommand_serves_with_a_config_file() {
         ),
     )
     .expect("write config");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env(KEY_ENV, APP_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawns");
-    let lines = wait_for_line(&mut child, "Listening");
-    let _guard = Running(child);
-    let listening: serde_json::Value =
-        serde_json::from_str(lines.last().expect("a line")).expect("JSON log line");
-    let addr = listening["addr"].as_str().expect("addr field").to_owned();
-    let client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let req = http::Request::post(format!("http://{addr}{START}"))
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            br#"{"conferenceID":"1","password":"p"}"#,
-        )))
-        .expect("request");
-    let resp = client.request(req).await.expect("answer");
+    let mut gateway = RunningBinary::run(&cfg, &[(KEY_ENV, APP_KEY)]);
+    let addr = gateway.listening();
+    let resp = post_start(&http_client(), &addr, None).await;
     assert_eq!(resp.status(), StatusCode::OK);
 }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 
 use crate::support::*;
 
@@ -33,9 +33,6 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
 /// The real binary, JSON logs on stdout: every line it wrote until it exited.
 #[tokio::test]
 async fn one_json_line_per_request_with_upstream_ids() {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-
     let sim = default_sim().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca.pem");
@@ -51,72 +48,27 @@ async fn one_json_line_per_request_with_upstream_ids() {
         ),
     )
     .expect("config");
-    let mut child = Command::new(crate::cli::BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env(KEY_ENV, APP_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawns");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut all = Vec::new();
-    let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("log lines");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        all.push(line);
-        if v["fields"]["message"] == "Listening" || v["message"] == "Listening" {
-            break v["fields"]["addr"]
-                .as_str()
-                .or(v["addr"].as_str())
-                .expect("addr")
-                .to_owned();
-        }
-    };
-    let client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let send = |method: Method, path: &str, rid: Option<&str>| {
-        let mut b = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{addr}{path}"));
-        if let Some(r) = rid {
-            b = b.header("x-request-id", r);
-        }
-        let req = b
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                br#"{"conferenceID":"1","password":"p"}"#,
-            )))
-            .expect("request");
-        client.request(req)
-    };
-    let ok = send(Method::POST, START, Some("rid-log-1"))
-        .await
-        .expect("answer");
+    let mut gateway = RunningBinary::run(&cfg, &[(KEY_ENV, APP_KEY)]);
+    let addr = gateway.listening();
+    let client = http_client();
+    let ok = post_start(&client, &addr, Some("rid-log-1")).await;
     assert_eq!(ok.status(), StatusCode::OK);
     let upstream_id = ok.headers()["x-request-id"]
         .to_str()
         .expect("ascii")
         .to_owned();
-    let missing = send(Method::GET, "/nowhere", None).await.expect("answer");
+    let req = http::Request::get(format!("http://{addr}/nowhere"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let missing = client.request(req).await.expect("answer");
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     // SIGTERM: the gateway drains and exits, flushing its log.
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
-        all.push(line);
-    }
+    gateway.signal("TERM");
+    assert_eq!(
+        gateway.exited(Duration::from_secs(15)).await.code(),
+        Some(0)
+    );
+    let all = gateway.rest(Duration::from_millis(500)).to_vec();
     let lines: Vec<serde_json::Value> = all
         .iter()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

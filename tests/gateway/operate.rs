@@ -1,13 +1,11 @@
 //! Operating it: readiness, metrics, graceful shutdown, hot reload.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 use meetgate::simulator::{Fault, SimConfig, SimLimits};
 
-use crate::cli::{wait_for_line, Running, BIN};
 use crate::support::*;
 
 #[tokio::test]
@@ -266,56 +264,23 @@ async fn sigterm_lets_a_long_upstream_response_complete_then_exits_0() {
     std::fs::write(&key, format!("{APP_KEY}\n")).expect("key");
     let cfg = dir.path().join("meetgate.toml");
     write_config(&cfg, &sim.url(), &ca, &key, "");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawns");
-    let lines = wait_for_line(&mut child, "\"Listening\"");
-    let pid = child.id();
-    let mut guard = Running(child);
-    let v: serde_json::Value = serde_json::from_str(lines.last().expect("line")).expect("json");
-    let addr = v["addr"].as_str().expect("addr").to_owned();
-
+    let mut gateway = RunningBinary::run(&cfg, &[]);
+    let addr = gateway.listening();
     sim.inject(Fault::Delay {
         delay: Duration::from_secs(2),
         count: 1,
     });
-    let client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let req = http::Request::post(format!("http://{addr}{START}"))
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            br#"{"conferenceID":"1","password":"p"}"#,
-        )))
-        .expect("request");
-    let slow = tokio::spawn(async move { client.request(req).await.map(|r| r.status()) });
+    let client = http_client();
+    let slow = tokio::spawn(async move { post_start(&client, &addr, None).await.status() });
     eventually(
         Duration::from_secs(10),
         "the slow request reached the upstream",
         || async { !received(&sim, START).is_empty() },
     )
     .await;
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let answered = slow.await.expect("task").expect("answer despite SIGTERM");
-    assert_eq!(answered, StatusCode::OK);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let exit = loop {
-        if let Some(s) = guard.0.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "did not exit after draining"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    gateway.signal("TERM");
+    assert_eq!(slow.await.expect("answer despite SIGTERM"), StatusCode::OK);
+    let exit = gateway.exited(Duration::from_secs(15)).await;
     assert_eq!(exit.code(), Some(0));
 }
 
@@ -330,48 +295,11 @@ async fn sighup_reloads_and_a_broken_config_keeps_the_old_one() {
     let cfg = dir.path().join("meetgate.toml");
     // Files are not polled often here: the reload below comes from SIGHUP.
     write_config(&cfg, &sim.url(), &ca, &key, "reload_interval = \"1h\"");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawns");
-    let stdout = child.stdout.take().expect("stdout");
-    let pid = child.id().to_string();
-    let _guard = Running(child);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let next = |marker: &str| loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("a log line in time");
-        if line.contains(marker) {
-            break serde_json::from_str::<serde_json::Value>(&line).expect("json");
-        }
-    };
-    let addr = next("\"Listening\"")["addr"]
-        .as_str()
-        .expect("addr")
-        .to_owned();
-    let client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let mut gateway = RunningBinary::run(&cfg, &[]);
+    let addr = gateway.listening();
+    let client = http_client();
     let start = |client: HttpClient, addr: String| async move {
-        let req = http::Request::post(format!("http://{addr}{START}"))
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                br#"{"conferenceID":"1","password":"p"}"#,
-            )))
-            .expect("request");
-        client.request(req).await.expect("answer").status()
+        post_start(&client, &addr, None).await.status()
     };
     assert_eq!(start(client.clone(), addr.clone()).await, StatusCode::OK);
 
@@ -383,21 +311,15 @@ async fn sighup_reloads_and_a_broken_config_keeps_the_old_one() {
         &key,
         "reload_interval = \"1h\"\n[quota]\nburst = 5",
     );
-    Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill");
-    let reloaded = next("Configuration reloaded");
+    gateway.signal("HUP");
+    let reloaded = gateway.next("Configuration reloaded");
     assert_eq!(reloaded["trigger"], "SIGHUP");
     assert_eq!(reloaded["quota_changed"], true);
 
     // A broken config is refused with an error; the old one keeps serving.
     std::fs::write(&cfg, "listen = \"nowhere\"\n[[apps]]\n").expect("write");
-    Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill");
-    let refused = next("Reload refused");
+    gateway.signal("HUP");
+    let refused = gateway.next("Reload refused");
     assert_eq!(refused["level"], "ERROR");
     assert!(
         refused["problems"]

@@ -425,3 +425,124 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// `meetgate run --config <file>` as a child process, its stdout lines (JSON logs) on a
+/// channel; killed when dropped.
+pub struct RunningBinary {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub seen: Vec<String>,
+}
+
+impl RunningBinary {
+    pub fn run(config: &std::path::Path, envs: &[(&str, &str)]) -> RunningBinary {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meetgate"));
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("meetgate spawns");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        RunningBinary {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line containing `marker`, parsed as JSON (waits up to 20 s).
+    pub fn next(&mut self, marker: &str) -> serde_json::Value {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("no log line with {marker:?} in time"));
+            self.seen.push(line.clone());
+            if line.contains(marker) {
+                return serde_json::from_str(&line).unwrap_or_default();
+            }
+        }
+    }
+
+    /// Waits for the "Listening" line and returns the proxy address from it.
+    pub fn listening(&mut self) -> String {
+        self.next("\"Listening\"")["addr"]
+            .as_str()
+            .expect("addr field")
+            .to_owned()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(ok.success());
+    }
+
+    /// Waits (up to `within`) for the process to exit; its status.
+    pub async fn exited(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "did not exit in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every line still to come, until none arrives for `quiet`.
+    pub fn rest(&mut self, quiet: Duration) -> &[String] {
+        while let Ok(line) = self.lines.recv_timeout(quiet) {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+}
+
+impl Drop for RunningBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// POST start_meeting to a gateway at `addr` (plain HTTP); the status.
+pub async fn post_start(
+    client: &HttpClient,
+    addr: &str,
+    request_id: Option<&str>,
+) -> http::Response<hyper::body::Incoming> {
+    let mut b = Request::post(format!("http://{addr}{START}"));
+    if let Some(r) = request_id {
+        b = b.header("x-request-id", r);
+    }
+    let req = b
+        .body(Full::new(Bytes::from_static(
+            br#"{"conferenceID":"1","password":"p"}"#,
+        )))
+        .expect("request");
+    client.request(req).await.expect("an answer")
+}
+
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
