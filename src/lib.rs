@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod metrics;
 pub mod operations;

@@ -352,10 +352,13 @@ impl Gateway {
     }
 
     /// The outer handler: never fails, logs exactly once.
+    /// `conflicting_framing`: the connection sent Content-Length with Transfer-Encoding (see
+    /// [`crate::framing`]); the request is refused.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
+        conflicting_framing: bool,
     ) -> Response<ResponseBody> {
         let mut ctx = RequestCtx {
             start: Instant::now(),
@@ -379,6 +382,9 @@ impl Gateway {
         metrics.in_flight.inc();
         let permit = self.requests.clone().try_acquire_owned();
         let result = match permit {
+            Ok(_) if conflicting_framing => Err(GatewayError::BadRequest(
+                "Content-Length and Transfer-Encoding together are not accepted",
+            )),
             Ok(_permit) => self.handle_inner(req, &mut ctx).await,
             Err(_) => Err(GatewayError::Overloaded),
         };
@@ -407,15 +413,6 @@ impl Gateway {
         let (mut parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
-        }
-        // Both framings at once is the classic request-smuggling shape (RFC 9112 §6.3): refuse
-        // rather than pick one, since a server behind us might pick the other.
-        if parts.headers.contains_key(header::TRANSFER_ENCODING)
-            && parts.headers.contains_key(header::CONTENT_LENGTH)
-        {
-            return Err(GatewayError::BadRequest(
-                "Content-Length and Transfer-Encoding together are not accepted",
-            ));
         }
         // HTTP/1 absolute-form targets are for forward proxies; meetgate is not one. (In h2
         // every request carries an authority, and it plays no part in routing.)

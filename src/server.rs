@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::config::LimitsConfig;
+use crate::framing::FramingWatch;
 
 use crate::proxy::Gateway;
 
@@ -90,9 +91,13 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let gw = gateway.clone();
+        // Raised by the connection's FramingWatch, read per request.
+        let conflicting_framing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch_flag = conflicting_framing.clone();
         let service = service_fn(move |req| {
             let gw = gw.clone();
-            async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
+            let refuse = conflicting_framing.load(std::sync::atomic::Ordering::Relaxed);
+            async move { Ok::<_, Infallible>(gw.handle(req, peer, refuse).await) }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -101,6 +106,7 @@ pub async fn serve(
             let _permit = permit;
             let result = match tls {
                 None => {
+                    let stream = FramingWatch::new(stream, watch_flag);
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     watcher.watch(conn.into_owned()).await
                 }
@@ -123,6 +129,7 @@ pub async fn serve(
                             return;
                         }
                     };
+                    let stream = FramingWatch::new(stream, watch_flag);
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     watcher.watch(conn.into_owned()).await
                 }
