@@ -912,7 +912,7 @@ fn validate_quota(c: &mut Checker, q: RawQuota) -> QuotaConfig {
             None => c.problem(
                 format!("quota.operations.{name}"),
                 "",
-                "no such operation (see data/meeting-operations.tsv)",
+                "no such operation (see src/data/meeting-operations.tsv)",
             ),
         }
     }

@@ -1,4 +1,4 @@
-//! The upstream's operation table (compiled in from `data/meeting-operations.tsv`) and the
+//! The upstream's operation table (compiled in from `src/data/meeting-operations.tsv`) and the
 //! classifier that maps a method and path to an operation, literal segments before `{params}`.
 
 use std::collections::HashMap;
@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 
 use http::Method;
 
-static TABLE_TSV: &str = include_str!("../data/meeting-operations.tsv");
+static TABLE_TSV: &str = include_str!("data/meeting-operations.tsv");
 
 /// Index of an operation in the table: cheap to copy, to compare and to use as a label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

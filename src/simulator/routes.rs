@@ -2,7 +2,7 @@
 
 use hyper::Method;
 
-const OPERATIONS_TSV: &str = include_str!("../../data/meeting-operations.tsv");
+const OPERATIONS_TSV: &str = include_str!("../data/meeting-operations.tsv");
 
 /// How the simulator answers a route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
