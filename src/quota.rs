@@ -926,6 +926,31 @@ mod tests {
         NonZeroU32::new(n).expect("non-zero")
     }
 
+    /// A manager whose limits are N per W (per API) and N per W (all environments), burst b,
+    /// and its bucket for the first operation.
+    fn one_bucket(
+        per_api: u32,
+        per_api_s: u64,
+        all_env: u32,
+        all_env_s: u64,
+        burst: u32,
+    ) -> (Arc<QuotaManager>, Arc<Bucket>) {
+        let cfg = QuotaConfig::for_tests(
+            per_api,
+            Duration::from_secs(per_api_s),
+            all_env,
+            Duration::from_secs(all_env_s),
+            burst,
+        );
+        let mgr = QuotaManager::new(cfg);
+        let bucket = mgr.bucket(BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        });
+        (mgr, bucket)
+    }
+
     #[test]
     fn derive_refuses_burst_at_or_above_the_limit() {
         assert!(derive(nz(10), Duration::from_secs(1), Duration::ZERO, nz(10)).is_err());
@@ -1038,14 +1063,7 @@ mod tests {
     #[test]
     fn rollback_keeps_the_earlier_limiters_slot() {
         // Per minute: 3 with burst 2 (then one per ~30 s); per second: 100 with burst 2.
-        let cfg =
-            QuotaConfig::for_tests(3, Duration::from_secs(60), 100, Duration::from_secs(1), 2);
-        let mgr = QuotaManager::new(cfg);
-        let bucket = mgr.bucket(BucketKey {
-            op: OperationId::from_index(0),
-            app: None,
-            user: None,
-        });
+        let (_mgr, bucket) = one_bucket(3, 60, 100, 1, 2);
         assert!(bucket.try_admit(Instant::now()).is_ok());
         assert!(bucket.try_admit(Instant::now()).is_ok());
         let cells = || -> Vec<u64> {
@@ -1079,14 +1097,7 @@ mod tests {
 
     #[test]
     fn a_shared_quota_limits_the_bucket_to_what_is_left() {
-        let cfg =
-            QuotaConfig::for_tests(50, Duration::from_secs(60), 100, Duration::from_secs(1), 10);
-        let mgr = QuotaManager::new(cfg);
-        let bucket = mgr.bucket(BucketKey {
-            op: OperationId::from_index(0),
-            app: None,
-            user: None,
-        });
+        let (mgr, bucket) = one_bucket(50, 60, 100, 1, 10);
         let now = Instant::now();
         assert!(bucket.try_admit(now).is_ok());
         // We sent 1 of 50; the upstream says only 2 are left: someone else used 47.
@@ -1107,14 +1118,7 @@ mod tests {
 
     #[test]
     fn our_own_requests_at_the_window_edge_do_not_look_like_a_shared_quota() {
-        let cfg =
-            QuotaConfig::for_tests(50, Duration::from_secs(60), 100, Duration::from_secs(1), 10);
-        let mgr = QuotaManager::new(cfg);
-        let bucket = mgr.bucket(BucketKey {
-            op: OperationId::from_index(0),
-            app: None,
-            user: None,
-        });
+        let (mgr, bucket) = one_bucket(50, 60, 100, 1, 10);
         assert!(bucket.try_admit(Instant::now()).is_ok());
         // Admitted just over a window ago here, but the upstream counted it just under one.
         {

@@ -47,7 +47,7 @@ fn business(sim: &SimHandle) -> usize {
         .count()
 }
 
-pub(crate) const START_BODY: &[u8] = br#"{"conferenceID":"914087436","password":"123456"}"#;
+const START_BODY: &[u8] = br#"{"conferenceID":"914087436","password":"123456"}"#;
 
 #[test]
 fn without_clients_a_public_listener_is_refused_unless_explicitly_allowed() {
@@ -91,18 +91,13 @@ async fn bearer_clients_get_401_403_or_their_identity_and_the_upstream_never_see
     let bearer = format!("Bearer {BILLING_KEY}");
     let before = business(&sim);
 
-    let r = gw.request(Method::POST, START, &[], START_BODY).await;
+    let r = gw.start_meeting_with(&[]).await;
     assert_eq!(
         (r.status, r.error_code().as_str()),
         (StatusCode::UNAUTHORIZED, "MEETGATE.UNAUTHENTICATED")
     );
     let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("authorization", "Bearer wrong")],
-            START_BODY,
-        )
+        .start_meeting_with(&[("authorization", "Bearer wrong")])
         .await;
     assert_eq!(
         (r.status, r.error_code().as_str()),
@@ -123,21 +118,11 @@ async fn bearer_clients_get_401_403_or_their_identity_and_the_upstream_never_see
     );
     // A user outside its patterns, and an app it may not use.
     let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("authorization", &bearer), ("x-meetgate-user", "bob@corp")],
-            START_BODY,
-        )
+        .start_meeting_with(&[("authorization", &bearer), ("x-meetgate-user", "bob@corp")])
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("authorization", &bearer), ("x-meetgate-app", "other")],
-            START_BODY,
-        )
+        .start_meeting_with(&[("authorization", &bearer), ("x-meetgate-app", "other")])
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert_eq!(
@@ -147,25 +132,13 @@ async fn bearer_clients_get_401_403_or_their_identity_and_the_upstream_never_see
     );
 
     // Allowed: the default user, then a user matching alice@*.
-    let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("authorization", &bearer)],
-            START_BODY,
-        )
-        .await;
+    let r = gw.start_meeting_with(&[("authorization", &bearer)]).await;
     assert_eq!(r.status, StatusCode::OK);
     let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[
-                ("authorization", &bearer),
-                ("x-meetgate-user", "alice@corp"),
-            ],
-            START_BODY,
-        )
+        .start_meeting_with(&[
+            ("authorization", &bearer),
+            ("x-meetgate-user", "alice@corp"),
+        ])
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let signins = received(&sim, "/v2/usg/acs/auth/appauth");
@@ -265,14 +238,7 @@ async fn sdk_sign_in_issues_sessions_bound_to_client_and_user() {
     );
 
     // The session works for business calls; the upstream sees our token, not the session.
-    let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("x-access-token", &session)],
-            START_BODY,
-        )
-        .await;
+    let r = gw.start_meeting_with(&[("x-access-token", &session)]).await;
     assert_eq!(r.status, StatusCode::OK);
     let fwd = received(&sim, START);
     let injected = header(fwd.last().expect("forwarded"), "x-access-token")
@@ -302,27 +268,15 @@ async fn sdk_sign_in_issues_sessions_bound_to_client_and_user() {
         .await;
     assert_eq!(r.status, StatusCode::OK);
     let fresh = r.json()["accessToken"].as_str().expect("token").to_owned();
-    let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("x-access-token", &session)],
-            START_BODY,
-        )
-        .await;
+    let r = gw.start_meeting_with(&[("x-access-token", &session)]).await;
     assert_eq!(
         (r.status, r.error_code().as_str()),
         (StatusCode::UNAUTHORIZED, "USG.000000004")
     );
     assert_eq!(
-        gw.request(
-            Method::POST,
-            START,
-            &[("x-access-token", &fresh)],
-            START_BODY
-        )
-        .await
-        .status,
+        gw.start_meeting_with(&[("x-access-token", &fresh)])
+            .await
+            .status,
         StatusCode::OK
     );
     assert_eq!(
@@ -337,14 +291,9 @@ async fn sdk_sign_in_issues_sessions_bound_to_client_and_user() {
         StatusCode::OK
     );
     assert_eq!(
-        gw.request(
-            Method::POST,
-            START,
-            &[("x-access-token", &fresh)],
-            START_BODY
-        )
-        .await
-        .status,
+        gw.start_meeting_with(&[("x-access-token", &fresh)])
+            .await
+            .status,
         StatusCode::UNAUTHORIZED
     );
     // None of this reached the upstream's sign-in or token endpoints.
@@ -384,26 +333,14 @@ async fn a_session_cannot_act_as_a_user_its_client_may_not_use() {
     assert_eq!(r.status, StatusCode::OK);
     let session = r.json()["accessToken"].as_str().expect("token").to_owned();
     let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("x-access-token", &session), ("x-meetgate-user", "bob")],
-            START_BODY,
-        )
+        .start_meeting_with(&[("x-access-token", &session), ("x-meetgate-user", "bob")])
         .await;
     assert_eq!(
         r.status,
         StatusCode::FORBIDDEN,
         "a session acts only as its own user"
     );
-    let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("x-access-token", &session)],
-            START_BODY,
-        )
-        .await;
+    let r = gw.start_meeting_with(&[("x-access-token", &session)]).await;
     assert_eq!(r.status, StatusCode::OK);
     let signins = received(&sim, "/v2/usg/acs/auth/appauth");
     let last: serde_json::Value =
@@ -425,7 +362,7 @@ async fn reload_swaps_a_client_key_with_requests_in_flight() {
     .await;
     let old = format!("Bearer {BILLING_KEY}");
     assert_eq!(
-        gw.request(Method::POST, START, &[("authorization", &old)], START_BODY)
+        gw.start_meeting_with(&[("authorization", &old)])
             .await
             .status,
         StatusCode::OK
@@ -466,16 +403,14 @@ async fn reload_swaps_a_client_key_with_requests_in_flight() {
         Duration::from_secs(10),
         "the new key is accepted",
         || async {
-            gw.request(Method::POST, START, &[("authorization", &new)], START_BODY)
+            gw.start_meeting_with(&[("authorization", &new)])
                 .await
                 .status
                 == StatusCode::OK
         },
     )
     .await;
-    let r = gw
-        .request(Method::POST, START, &[("authorization", &old)], START_BODY)
-        .await;
+    let r = gw.start_meeting_with(&[("authorization", &old)]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "the old key is refused");
     assert_eq!(
         in_flight.await.expect("task"),

@@ -4,7 +4,7 @@
 
 use http::{Method, StatusCode};
 
-use crate::access::{appauth, clients, nonce, BILLING_KEY, SDK_KEY, START_BODY};
+use crate::access::{appauth, clients, nonce, BILLING_KEY, SDK_KEY};
 use crate::logs::Capture;
 use crate::support::*;
 
@@ -28,9 +28,7 @@ async fn no_secret_reaches_logs_errors_metrics_or_debug() {
     // Bearer traffic, good and bad.
     let bearer = format!("Bearer {BILLING_KEY}");
     for auth in [bearer.as_str(), "Bearer wrong-key-material"] {
-        let r = gw
-            .request(Method::POST, START, &[("authorization", auth)], START_BODY)
-            .await;
+        let r = gw.start_meeting_with(&[("authorization", auth)]).await;
         bodies.push(String::from_utf8_lossy(&r.body).into_owned());
     }
     // SDK sign-in, use, refresh, a bad session, logout.
@@ -55,14 +53,7 @@ async fn no_secret_reaches_logs_errors_metrics_or_debug() {
     let refresh = r.json()["refreshToken"].as_str().unwrap_or("").to_owned();
     secrets.push(session.clone());
     secrets.push(refresh.clone());
-    let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("x-access-token", &session)],
-            START_BODY,
-        )
-        .await;
+    let r = gw.start_meeting_with(&[("x-access-token", &session)]).await;
     bodies.push(String::from_utf8_lossy(&r.body).into_owned());
     let r = gw
         .request(
@@ -75,28 +66,14 @@ async fn no_secret_reaches_logs_errors_metrics_or_debug() {
     let fresh = r.json()["accessToken"].as_str().unwrap_or("").to_owned();
     secrets.push(fresh.clone());
     for token in [session.as_str(), "a-made-up-session-token-value-123456"] {
-        let r = gw
-            .request(
-                Method::POST,
-                START,
-                &[("x-access-token", token)],
-                START_BODY,
-            )
-            .await;
+        let r = gw.start_meeting_with(&[("x-access-token", token)]).await;
         bodies.push(String::from_utf8_lossy(&r.body).into_owned());
     }
     // A revoked upstream token: 401, sign-in again, replay.
     for t in sim.issued_tokens() {
         sim.revoke_token(&t);
     }
-    let r = gw
-        .request(
-            Method::POST,
-            START,
-            &[("authorization", &bearer)],
-            START_BODY,
-        )
-        .await;
+    let r = gw.start_meeting_with(&[("authorization", &bearer)]).await;
     assert_eq!(r.status, StatusCode::OK);
     let _ = gw
         .request(

@@ -239,10 +239,16 @@ impl TestGateway {
     }
 
     pub async fn start_meeting(&self) -> Reply {
+        self.start_meeting_with(&[("content-type", "application/json")])
+            .await
+    }
+
+    /// `start_meeting` with these request headers (credentials, identity selection...).
+    pub async fn start_meeting_with(&self, headers: &[(&str, &str)]) -> Reply {
         self.request(
             Method::POST,
             START,
-            &[("content-type", "application/json")],
+            headers,
             br#"{"conferenceID":"914087436","password":"123456"}"#,
         )
         .await
