@@ -3,6 +3,7 @@
 //! The request path is one module per step; [`run`] is the seam tests and `main` share.
 
 pub mod access;
+pub mod accesslog;
 pub mod admin;
 pub mod body;
 pub mod clock;

@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use tower_http::timeout::TimeoutBody;
 
 use crate::access::AccessRules;
+use crate::accesslog;
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
 use crate::cluster::Cluster;
@@ -709,11 +710,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
-}
-
-/// The one access-log line of a request. Field names are stable (README, "Access log").
+/// The one access-log line of a request.
 fn access_log(ctx: &RequestCtx, status: StatusCode, error: Option<&(&'static str, String)>) {
     let up = |i: usize| -> &str {
         ctx.upstream_headers[i]
@@ -721,32 +718,25 @@ fn access_log(ctx: &RequestCtx, status: StatusCode, error: Option<&(&'static str
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
     };
-    tracing::info!(
-        target: "meetgate::access",
-        method = %ctx.method,
-        path = ctx.uri.path(),
-        operation = ctx.operation,
-        status = status.as_u16(),
-        client = %ctx.peer,
-        app = ctx.app.as_ref().map_or("-", |a| a.name.as_str()),
-        user = ctx.user.as_deref().unwrap_or("-"),
-        total_ms = ms(ctx.start.elapsed()),
-        queue_wait_ms = ms(ctx.queue_wait),
-        token_wait_ms = ms(ctx.token_wait),
-        upstream_ms = ms(ctx.upstream_time),
-        request_id = ctx.request_id.to_str().unwrap_or("-"),
-        upstream_request_id = up(0),
-        apig_latency = up(1),
-        apig_upstream_latency = up(2),
-        envoy_upstream_service_time = up(3),
-        ratelimit_api = up(4),
-        ratelimit_allenv = up(5),
-        replayed = ctx.replayed_401 || ctx.upstream_429s > 0,
-        upstream_429s = ctx.upstream_429s,
-        error_code = error.map_or("-", |e| e.0),
-        error = error.map_or("-", |e| e.1.as_str()),
-        "request"
-    );
+    accesslog::write(&accesslog::Entry {
+        method: ctx.method.as_str(),
+        path: ctx.uri.path(),
+        operation: ctx.operation,
+        status: status.as_u16(),
+        client: ctx.peer,
+        app: ctx.app.as_ref().map_or("-", |a| a.name.as_str()),
+        user: ctx.user.as_deref().unwrap_or("-"),
+        total: ctx.start.elapsed(),
+        queue_wait: ctx.queue_wait,
+        token_wait: ctx.token_wait,
+        upstream: ctx.upstream_time,
+        request_id: ctx.request_id.to_str().unwrap_or("-"),
+        upstream_headers: [up(0), up(1), up(2), up(3), up(4), up(5)],
+        replayed: ctx.replayed_401 || ctx.upstream_429s > 0,
+        upstream_429s: ctx.upstream_429s,
+        error_code: error.map_or("-", |e| e.0),
+        error: error.map_or("-", |e| e.1.as_str()),
+    });
 }
 
 #[cfg(test)]

@@ -1,27 +1,44 @@
-//! Logging setup: text or JSON lines on stdout, filtered by the configured level.
+//! Logging setup and the log sink: text or JSON lines on stdout, filtered by the configured
+//! level, written in batches by a background thread.
 
-use tracing_appender::non_blocking::WorkerGuard;
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. Fails if one is already installed or the level is invalid.
-/// Lines are written by a background thread, so a request never waits on a `write(2)`; the
-/// returned guard flushes them when dropped (keep it until exit). The writer blocks rather
-/// than drop lines when its buffer is full: an access log that loses lines is worse than a
-/// slower one.
-pub fn init(log: &LogConfig) -> Result<WorkerGuard, String> {
+/// How long the writer waits after the first pending line before writing, so that one wake-up
+/// and one `write(2)` serve every line of the window rather than one each. Lines therefore
+/// reach stdout at most this late (plus the write itself).
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
+/// Pending bytes beyond which the writer skips the batching window.
+const FLUSH_AT: usize = 256 * 1024;
+/// Pending bytes beyond which loggers wait for the writer: lines are never dropped, and
+/// memory stays bounded when stdout is slow.
+const MAX_PENDING: usize = 4 * 1024 * 1024;
+/// A batch buffer that grew past this is given back after use.
+const KEEP_CAPACITY: usize = 1024 * 1024;
+
+/// The installed sink, for the access log's own fast path ([`crate::accesslog`]).
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// Installs the global subscriber and the batching sink. Fails if a subscriber is already
+/// installed or the level is invalid. Keep the returned guard until exit: dropping it writes
+/// what is pending and stops the writer.
+pub fn init(log: &LogConfig) -> Result<LogGuard, String> {
     let filter = EnvFilter::builder()
         .parse(&log.level)
         .map_err(|e| format!("log.level = {:?}: {e}", log.level))?;
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("meetgate-log")
-        .finish(std::io::stdout());
+    let (sink, guard) = Sink::start(std::io::stdout(), log.format == LogFormat::Json)
+        .map_err(|e| format!("cannot start the log writer: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_writer(writer);
+        .with_writer(sink.clone());
     let result = match log.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
@@ -30,5 +47,248 @@ pub fn init(log: &LogConfig) -> Result<WorkerGuard, String> {
             .with_current_span(false)
             .try_init(),
     };
-    result.map(|()| guard).map_err(|e| e.to_string())
+    result.map_err(|e| e.to_string())?;
+    // Only the process-wide subscriber's sink takes the access log's fast path.
+    let _ = SINK.set(sink);
+    Ok(guard)
+}
+
+/// The sink the access log writes to directly, when [`init`] installed one.
+pub fn sink() -> Option<&'static Sink> {
+    SINK.get()
+}
+
+/// Lines waiting for the writer thread. Each `write` appends whole under the lock, so lines
+/// never interleave; the writer swaps the buffer out and writes it with one call.
+#[derive(Clone)]
+pub struct Sink {
+    shared: Arc<Shared>,
+    json: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when lines arrive for an idle writer, or on close.
+    wake_writer: Condvar,
+    /// Signalled when the writer took the pending lines.
+    drained: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Vec<u8>,
+    /// The writer waits for lines: the next logger must wake it (and only that one, so that
+    /// a busy process pays one wake-up per batch rather than one per line).
+    writer_idle: bool,
+    /// Loggers waiting for room.
+    blocked: usize,
+    closing: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A logger that panicked mid-append left at worst a partial line; keep logging.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Stops the writer after it wrote everything pending.
+pub struct LogGuard {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.wake_writer.notify_one();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Sink {
+    /// Starts the writer thread over `out`; `json` selects the access log's line format.
+    pub fn start<W: Write + Send + 'static>(
+        out: W,
+        json: bool,
+    ) -> std::io::Result<(Sink, LogGuard)> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake_writer: Condvar::new(),
+            drained: Condvar::new(),
+        });
+        let for_writer = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("meetgate-log".into())
+            .spawn(move || write_loop(&for_writer, out))?;
+        Ok((
+            Sink {
+                shared: shared.clone(),
+                json,
+            },
+            LogGuard {
+                shared,
+                writer: Some(writer),
+            },
+        ))
+    }
+
+    /// Whether access-log lines are JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Queues whole lines for the writer, waiting only while too much is pending.
+    pub fn append(&self, lines: &[u8]) {
+        let mut state = self.shared.lock();
+        while state.pending.len() >= MAX_PENDING && !state.closing {
+            state.blocked += 1;
+            state = self
+                .shared
+                .drained
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.blocked -= 1;
+        }
+        state.pending.extend_from_slice(lines);
+        if state.writer_idle {
+            state.writer_idle = false;
+            drop(state);
+            self.shared.wake_writer.notify_one();
+        }
+    }
+}
+
+fn write_loop(shared: &Shared, mut out: impl Write) {
+    let mut batch: Vec<u8> = Vec::new();
+    loop {
+        let mut state = shared.lock();
+        while state.pending.is_empty() {
+            if state.closing {
+                let _ = out.flush();
+                return;
+            }
+            state.writer_idle = true;
+            state = shared
+                .wake_writer
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state.writer_idle = false;
+        if !state.closing && state.pending.len() < FLUSH_AT {
+            drop(state);
+            std::thread::sleep(BATCH_WINDOW);
+            state = shared.lock();
+        }
+        std::mem::swap(&mut state.pending, &mut batch);
+        let wake_blocked = state.blocked > 0;
+        drop(state);
+        if wake_blocked {
+            shared.drained.notify_all();
+        }
+        // Nowhere to report a failed write (stdout closed): the lines are dropped, the
+        // gateway keeps serving.
+        let _ = out.write_all(&batch).and_then(|()| out.flush());
+        batch.clear();
+        if batch.capacity() > KEEP_CAPACITY {
+            batch = Vec::new();
+        }
+    }
+}
+
+/// What tracing's formatter writes to: one `write` per event, appended whole.
+pub struct SinkWriter<'a>(&'a Sink);
+
+impl Write for SinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.append(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Sink {
+    type Writer = SinkWriter<'a>;
+
+    fn make_writer(&'a self) -> SinkWriter<'a> {
+        SinkWriter(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Collects what the writer wrote.
+    #[derive(Clone, Default)]
+    struct Out(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Out {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_line_is_written_whole_and_in_order_by_the_time_the_guard_drops() {
+        let out = Out::default();
+        let (sink, guard) = Sink::start(out.clone(), false).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5000 {
+                        sink.append(format!("thread={t} line={i}\n").as_bytes());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(guard);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 20_000);
+        for t in 0..4 {
+            let mine: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.starts_with(&format!("thread={t} ")))
+                .collect();
+            let expected: Vec<String> = (0..5000).map(|i| format!("thread={t} line={i}")).collect();
+            assert_eq!(mine, expected);
+        }
+    }
+
+    #[test]
+    fn lines_arrive_without_the_guard_dropping() {
+        let out = Out::default();
+        let (sink, _guard) = Sink::start(out.clone(), false).unwrap();
+        sink.append(b"one\n");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while out.0.lock().unwrap().as_slice() != b"one\n" {
+            assert!(std::time::Instant::now() < deadline, "line never written");
+            std::thread::yield_now();
+        }
+        sink.append(b"two\n");
+        while out.0.lock().unwrap().as_slice() != b"one\ntwo\n" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "second line never written"
+            );
+            std::thread::yield_now();
+        }
+    }
 }
