@@ -3,7 +3,8 @@
 //! what it measures and how to read it is in `benches/README.md`.
 //!
 //! Environment: `LOAD_SECONDS` (per run, default 5), `LOAD_ROUNDS` (default 3),
-//! `LOAD_CONNS` (comma list, default `1,16,64`), `LOAD_NGINX` (`off`, or the nginx binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the
+//! `LOAD_CONNS` (comma list, default `1,16,64`), `LOAD_VARIANTS` (comma list of the
+//! `LAYER_VARIANTS` to run besides `meetgate`; default all), `LOAD_NGINX` (`off`, or the nginx binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the
 //! configs and logs), `LOAD_PERF_OUT=FILE` (`perf record` meetgate in one extra, unreported
 //! run at 16 connections, or the first connection count given, after the rounds).
 
@@ -991,7 +992,16 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     println!("simulator: {} (in this process)", sim.url());
 
     let mut proxies = Vec::new();
-    for (name, extra) in LAYER_VARIANTS {
+    let only = std::env::var("LOAD_VARIANTS").ok();
+    for (i, (name, extra)) in LAYER_VARIANTS.iter().enumerate() {
+        // The first variant is the one compared with nginx: always there.
+        if i > 0
+            && only
+                .as_deref()
+                .is_some_and(|o| !o.split(',').any(|v| v.trim() == *name))
+        {
+            continue;
+        }
         let p = start_meetgate(name, dir, &sim, &ca_file, extra).await?;
         println!(
             "{name}: pid {} on {}, ready {:.0} ms after spawn",

@@ -30,6 +30,7 @@ struct RawConfig {
     admin_listen: Option<String>,
     shutdown_grace: Option<String>,
     reload_interval: Option<String>,
+    workers: Option<usize>,
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
@@ -205,6 +206,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often the config file and the files it names are checked for changes.
     pub reload_interval: Duration,
+    /// Request worker threads, each running its connections start to finish.
+    pub workers: usize,
     pub upstream: UpstreamConfig,
     pub token: TokenConfig,
     pub limits: LimitsConfig,
@@ -683,6 +686,18 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
     }
     let shutdown_grace = c.duration("shutdown_grace", raw.shutdown_grace.as_deref(), "10s");
     let reload_interval = c.duration("reload_interval", raw.reload_interval.as_deref(), "5s");
+    let workers = match raw.workers {
+        Some(0) => {
+            c.problem(
+                "workers",
+                0,
+                "must be at least 1 (leave it out for one per CPU)",
+            );
+            1
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+    };
 
     let upstream = validate_upstream(&mut c, raw.upstream);
 
@@ -833,6 +848,7 @@ fn validate(raw: RawConfig, env: &HashMap<String, String>) -> Result<Config, Con
         admin_listen,
         shutdown_grace,
         reload_interval,
+        workers,
         upstream,
         token,
         limits,
@@ -1451,6 +1467,7 @@ struct Printed<'a> {
     admin_listen: String,
     shutdown_grace: String,
     reload_interval: String,
+    workers: usize,
     allow_unauthenticated: bool,
     upstream: PrintedUpstream,
     token: PrintedToken,
@@ -1607,6 +1624,7 @@ impl Config {
             admin_listen: self.admin_listen.to_string(),
             shutdown_grace: dur(self.shutdown_grace),
             reload_interval: dur(self.reload_interval),
+            workers: self.workers,
             allow_unauthenticated: self.allow_unauthenticated,
             upstream: PrintedUpstream {
                 url: u.url.to_string().trim_end_matches('/').to_owned(),
@@ -1969,6 +1987,28 @@ mod tests {
         assert!(problems
             .iter()
             .any(|p| p.starts_with("apps[1].name = \"x\": duplicate")));
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_and_zero_is_refused() {
+        let c = load_str(MINIMAL, &env(&[("KEY1", "k")])).expect("valid");
+        assert_eq!(
+            c.workers,
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        );
+        let c =
+            load_str(&format!("workers = 3\n{MINIMAL}"), &env(&[("KEY1", "k")])).expect("valid");
+        assert_eq!(c.workers, 3);
+        assert!(c.to_redacted_toml().contains("workers = 3"));
+        let problems = load_str(&format!("workers = 0\n{MINIMAL}"), &env(&[("KEY1", "k")]))
+            .expect_err("invalid")
+            .problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("workers = 0: must be at least 1")),
+            "{problems:?}"
+        );
     }
 }
 

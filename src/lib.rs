@@ -25,6 +25,7 @@ pub mod simulator;
 pub mod telemetry;
 pub mod token;
 pub mod upstream;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -111,11 +112,19 @@ pub async fn serve(
         }
         None => None,
     };
+    let workers = match workers::Workers::start(config.workers, &config.upstream) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the workers; serving nothing");
+            return;
+        }
+    };
     let drained = server::serve(
         listener,
         gateway,
         tls,
         &config.limits,
+        &workers,
         shutdown,
         config.shutdown_grace,
     )

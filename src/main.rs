@@ -94,10 +94,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `run` serves requests on its own worker threads (see `workers`); this runtime only
+    // accepts, answers the admin port and keeps tokens fresh. The simulator has no workers of
+    // its own, so it gets a multi-threaded one.
+    let mut builder = match cli.command {
+        Command::Simulate(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meetgate: cannot start the runtime: {e}");

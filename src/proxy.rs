@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -68,7 +69,6 @@ fn build_apps(tokens: &TokenCache, config: &Config) -> Vec<AppEntry> {
 pub struct Gateway {
     config: ArcSwap<Config>,
     ops: &'static OperationTable,
-    upstream: Upstream,
     tokens: TokenCache,
     quota: Arc<QuotaManager>,
     apps: ArcSwap<Vec<AppEntry>>,
@@ -156,7 +156,6 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             config: ArcSwap::new(config),
             ops: OperationTable::global(),
-            upstream,
             tokens,
             quota,
             apps: ArcSwap::from_pointee(apps),
@@ -298,6 +297,9 @@ impl Gateway {
         if new.log.format != old.log.format || new.log.level != old.log.level {
             summary.needs_restart.push("log");
         }
+        if new.workers != old.workers {
+            summary.needs_restart.push("workers");
+        }
         if new.cluster != old.cluster {
             summary.needs_restart.push("cluster");
         }
@@ -360,6 +362,7 @@ impl Gateway {
         req: Request<Incoming>,
         peer: SocketAddr,
         conflicting_framing: bool,
+        upstream: &Upstream,
     ) -> Response<ResponseBody> {
         let mut ctx = RequestCtx {
             start: Instant::now(),
@@ -386,7 +389,7 @@ impl Gateway {
             Ok(_) if conflicting_framing => Err(GatewayError::BadRequest(
                 "Content-Length and Transfer-Encoding together are not accepted",
             )),
-            Ok(_permit) => self.handle_inner(req, &mut ctx).await,
+            Ok(_permit) => self.handle_inner(req, &mut ctx, upstream).await,
             Err(_) => Err(GatewayError::Overloaded),
         };
         let (resp, error) = match result {
@@ -410,6 +413,7 @@ impl Gateway {
         &self,
         req: Request<Incoming>,
         ctx: &mut RequestCtx,
+        upstream: &Upstream,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let (mut parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
@@ -494,8 +498,12 @@ impl Gateway {
         .await?;
         let replay_body = body.replayable();
 
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = self.upstream.uri(path_and_query)?;
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = upstream.uri(path_and_query)?;
         headers::sanitize_request(&mut parts.headers);
         parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
         // A replay needs the headers again; keep a copy only when a replay is possible.
@@ -530,7 +538,7 @@ impl Gateway {
             *req.headers_mut() = headers;
 
             let sent = Instant::now();
-            let result = self.upstream.send(req).await;
+            let result = upstream.send(req).await;
             ctx.upstream_time += sent.elapsed();
             let resp = match result {
                 // However the protocol reported the aborted stream, the cause was the body cap.
@@ -557,7 +565,7 @@ impl Gateway {
             // Both mean the upstream did not process the request: read the small error body
             // to be sure, then replay when the body allows it.
             let (mut rparts, rbody) = resp.into_parts();
-            let bytes = read_body(rbody, ERROR_BODY_LIMIT, self.upstream.request_timeout()).await?;
+            let bytes = read_body(rbody, ERROR_BODY_LIMIT, upstream.request_timeout()).await?;
             let replayable = replay_body.is_some();
             if status == StatusCode::UNAUTHORIZED {
                 if error_code(&bytes) == Some(TOKEN_INVALID_CODE) {

@@ -17,6 +17,7 @@ use crate::config::LimitsConfig;
 use crate::framing::FramingWatch;
 
 use crate::proxy::Gateway;
+use crate::workers::Workers;
 
 /// TLS on the proxy listener.
 #[derive(Clone)]
@@ -43,12 +44,14 @@ impl Tls {
 }
 
 /// Serves `listener` until `shutdown` resolves, then lets in-flight requests finish for up to
-/// `grace`. Returns whether every connection closed within the grace period.
+/// `grace`. Connections are accepted here and served on `workers`, in turn. Returns whether
+/// every connection closed within the grace period.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     tls: Option<Tls>,
     limits: &LimitsConfig,
+    workers: &Workers,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> bool {
@@ -90,20 +93,38 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // The socket moves to the worker's own I/O driver.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "Accepted connection unusable");
+                continue;
+            }
+        };
+        let worker = workers.next();
+        let upstream = worker.upstream().clone();
         let gw = gateway.clone();
         // Raised by the connection's FramingWatch, read per request.
         let conflicting_framing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watch_flag = conflicting_framing.clone();
         let service = service_fn(move |req| {
             let gw = gw.clone();
+            let upstream = upstream.clone();
             let refuse = conflicting_framing.load(std::sync::atomic::Ordering::Relaxed);
-            async move { Ok::<_, Infallible>(gw.handle(req, peer, refuse).await) }
+            async move { Ok::<_, Infallible>(gw.handle(req, peer, refuse, &upstream).await) }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        worker.spawn(async move {
             let _permit = permit;
+            let stream = match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "Cannot register the connection");
+                    return;
+                }
+            };
             let result = match tls {
                 None => {
                     let stream = FramingWatch::new(stream, watch_flag);

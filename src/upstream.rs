@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::MaybeHttpsStream;
@@ -87,7 +88,8 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<UpstreamConnector, ProxyBody>,
-    scheme_authority: Arc<str>,
+    scheme: Scheme,
+    authority: Option<Authority>,
     request_timeout: Duration,
 }
 
@@ -149,21 +151,23 @@ impl Upstream {
             // The upstream is ours to trust, so no cap.
             .http2_max_local_error_reset_streams(None)
             .build(connector);
-        let scheme_authority = cfg.url.to_string().trim_end_matches('/').into();
         Ok(Upstream {
             client,
-            scheme_authority,
+            scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
+            authority: cfg.url.authority().cloned(),
             request_timeout: cfg.request_timeout,
         })
     }
 
     /// The absolute URI of `path_and_query` on the upstream. Only ever the configured upstream:
     /// what the client put in `Host` or an absolute-form URI plays no part.
-    pub fn uri(&self, path_and_query: &str) -> Result<Uri, GatewayError> {
-        let mut s = String::with_capacity(self.scheme_authority.len() + path_and_query.len());
-        s.push_str(&self.scheme_authority);
-        s.push_str(path_and_query);
-        Uri::try_from(s)
+    /// Built from parts already parsed, so no string is copied or parsed again per request.
+    pub fn uri(&self, path_and_query: PathAndQuery) -> Result<Uri, GatewayError> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = self.authority.clone();
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts)
             .map_err(|_| GatewayError::BadRequest("the request target is not a valid URI"))
     }
 

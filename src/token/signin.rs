@@ -137,7 +137,7 @@ impl UpstreamAuthenticator {
             .method(Method::POST)
             .uri(
                 self.upstream
-                    .uri(APPAUTH_PATH)
+                    .uri(http::uri::PathAndQuery::from_static(APPAUTH_PATH))
                     .map_err(SignInError::Upstream)?,
             )
             .header(header::CONTENT_TYPE, "application/json")

@@ -132,7 +132,7 @@ async fn run_subcommand_serves_with_a_config_file() {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\nca_file = {:?}\n[[apps]]\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n[log]\nformat = \"json\"\n",
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 3\n[upstream]\nurl = \"{}\"\nca_file = {:?}\n[[apps]]\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n[log]\nformat = \"json\"\n",
             sim.url(),
             ca.display().to_string()
         ),
@@ -140,8 +140,28 @@ async fn run_subcommand_serves_with_a_config_file() {
     .expect("write config");
     let mut gateway = RunningBinary::run(&cfg, &[(KEY_ENV, APP_KEY)]);
     let addr = gateway.listening();
-    let resp = post_start(&http_client(), &addr, None).await;
-    assert_eq!(resp.status(), StatusCode::OK);
+    // Connections are dealt to the workers in turn: each of these lands on a worker, and
+    // every worker serves (and opens its own upstream connections).
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let client = http_client();
+        let resp = post_start(&client, &addr, None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        clients.push(client);
+    }
+    for client in &clients {
+        assert_eq!(
+            post_start(client, &addr, None).await.status(),
+            StatusCode::OK
+        );
+    }
+    let pid = gateway.child.id();
+    let workers = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("/proc")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("mg-worker-"))
+        .count();
+    assert_eq!(workers, 3, "`workers = 3` runs three worker threads");
 }
 
 #[tokio::test]

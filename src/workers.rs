@@ -1,0 +1,137 @@
+//! The request workers: one single-threaded Tokio runtime per thread, each with its own
+//! upstream connection pool, so a connection's requests run start to finish on one thread.
+//!
+//! A work-stealing runtime moves tasks between threads: the client connection, the upstream
+//! connection and the log all wake each other across cores, and every such wake-up is a futex
+//! call and a cache miss. Pinning a connection to a worker (as nginx pins it to a process)
+//! keeps a request on one core; connections are dealt to workers in turn.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::runtime::{Builder, Handle};
+use tokio::sync::oneshot;
+
+use crate::config::UpstreamConfig;
+use crate::upstream::{Upstream, UpstreamBuildError};
+
+/// One worker: where its connections run and the upstream pool they use.
+pub struct Worker {
+    handle: Handle,
+    upstream: Arc<Upstream>,
+}
+
+impl Worker {
+    /// Runs `task` on this worker's thread.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.handle.spawn(task);
+    }
+
+    /// This worker's upstream client: its connections live on this worker's runtime.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+/// The running workers. Dropping this stops them; their connections are dropped with them.
+pub struct Workers {
+    workers: Vec<Worker>,
+    next: AtomicUsize,
+    /// Dropped with `Workers`: each worker thread ends when its receiver sees that.
+    _stop: Vec<oneshot::Sender<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkersError {
+    #[error("cannot start a worker thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamBuildError),
+}
+
+impl Workers {
+    /// Starts `count` (at least one) worker threads with an upstream client each.
+    pub fn start(count: usize, upstream: &UpstreamConfig) -> Result<Workers, WorkersError> {
+        let count = count.max(1);
+        let mut workers = Vec::with_capacity(count);
+        let mut stop = Vec::with_capacity(count);
+        for i in 0..count {
+            let runtime = Builder::new_current_thread().enable_all().build()?;
+            let handle = runtime.handle().clone();
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("mg-worker-{i}"))
+                .spawn(move || {
+                    // The runtime drives its tasks only inside block_on; it ends (and is
+                    // dropped on its own thread, as Tokio requires) when `Workers` goes.
+                    runtime.block_on(async {
+                        let _ = stop_rx.await;
+                    });
+                })?;
+            workers.push(Worker {
+                handle,
+                upstream: Arc::new(Upstream::new(upstream)?),
+            });
+            stop.push(stop_tx);
+        }
+        Ok(Workers {
+            workers,
+            next: AtomicUsize::new(0),
+            _stop: stop,
+        })
+    }
+
+    /// The worker for the next connection, in turn.
+    pub fn next(&self) -> &Worker {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        &self.workers[i]
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream_config() -> UpstreamConfig {
+        let text = "[[apps]]\napp_id = \"a\"\napp_key = \"k\"\n";
+        crate::config::load_str(text, &std::collections::HashMap::new())
+            .expect("valid")
+            .upstream
+    }
+
+    #[test]
+    fn connections_are_dealt_in_turn_and_workers_stop_when_dropped() {
+        let workers = Workers::start(2, &upstream_config()).expect("workers");
+        let rt = Builder::new_current_thread().enable_all().build().expect("rt");
+        let names: Vec<String> = (0..4)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                workers.next().spawn(async move {
+                    let _ = tx.send(std::thread::current().name().map(str::to_owned));
+                });
+                rt.block_on(rx).expect("ran").expect("named")
+            })
+            .collect();
+        assert_eq!(names, ["mg-worker-0", "mg-worker-1", "mg-worker-0", "mg-worker-1"]);
+
+        let handle = workers.workers[0].handle.clone();
+        drop(workers);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Once the worker's runtime is gone, what is spawned on it never runs.
+        while rt.block_on(handle.spawn(async {})).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "worker still running");
+            std::thread::yield_now();
+        }
+    }
+}
