@@ -708,6 +708,20 @@ impl QuotaManager {
         if *shutdown.borrow() {
             return Err(Refused::ShuttingDown);
         }
+        // Nobody queued and a slot free now: admitted without the gate. The limiter's own
+        // lock keeps the count exact; skipping the async gate means requests on different
+        // workers never wake each other through it (a cross-thread wake-up per contended
+        // request otherwise). Shared mode decides on Redis, asynchronously, so it queues.
+        if ahead == 0 && self.cluster.is_none() {
+            let now = Instant::now();
+            if bucket.try_admit(now).is_ok() {
+                bucket.in_flight.fetch_add(1, Ordering::Relaxed);
+                return Ok(Admission {
+                    bucket: bucket.clone(),
+                    waited: now.duration_since(start),
+                });
+            }
+        }
         let _turn = tokio::select! {
             turn = tokio::time::timeout_at(deadline.into(), bucket.gate.lock()) => match turn {
                 Ok(guard) => guard,
