@@ -6,7 +6,7 @@
 //! tracing's (`log.level`). Without an installed sink (tests with their own subscriber) the
 //! same fields go out as an ordinary tracing event.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +49,8 @@ pub const UPSTREAM_FIELDS: [&str; 6] = [
 
 thread_local! {
     static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The formatted date and time of the last second seen, reused within that second.
+    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
 }
 
 /// Writes the line, unless `log.level` leaves out INFO for the access target.
@@ -85,10 +87,7 @@ fn write_to(sink: &Sink, entry: &Entry<'_>, line: &mut Vec<u8>) {
 
 /// `2026-11-26T01:40:29.870253Z  INFO meetgate::access: request method=POST path="/v1/..." ...`
 pub fn text_line(entry: &Entry<'_>, now: SystemTime, out: &mut Vec<u8>) {
-    push_fmt(
-        out,
-        format_args!("{}", humantime::format_rfc3339_micros(now)),
-    );
+    push_timestamp(out, now);
     out.extend_from_slice(b"  INFO ");
     out.extend_from_slice(TARGET.as_bytes());
     out.extend_from_slice(b": ");
@@ -106,10 +105,7 @@ fn text_fields(e: &Entry<'_>, out: &mut Vec<u8>) {
 /// the shape of tracing's flattened JSON events.
 pub fn json_line(e: &Entry<'_>, now: SystemTime, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"timestamp\":\"");
-    push_fmt(
-        out,
-        format_args!("{}", humantime::format_rfc3339_micros(now)),
-    );
+    push_timestamp(out, now);
     out.extend_from_slice(b"\",\"level\":\"INFO\"");
     fields(e, Style::Json, out);
     out.extend_from_slice(b",\"message\":\"request\",\"target\":\"");
@@ -198,6 +194,32 @@ fn fields(e: &Entry<'_>, style: Style, out: &mut Vec<u8>) {
     style.bare(out, "upstream_429s", int.format(e.upstream_429s).as_bytes());
     style.string(out, "error_code", e.error_code);
     style.string(out, "error", e.error);
+}
+
+/// RFC 3339 UTC with microseconds, as tracing writes it: `2026-11-26T01:40:29.870253Z`.
+fn push_timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        let whole = humantime::format_rfc3339_seconds(now).to_string();
+        if let Some(prefix) = whole.as_bytes().get(..19) {
+            text.copy_from_slice(prefix);
+            SECOND.set((secs, text));
+        }
+    }
+    out.extend_from_slice(&text);
+    let mut micros = since.subsec_micros();
+    let mut digits = [b'0'; 6];
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    out.push(b'.');
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
 }
 
 fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
@@ -334,6 +356,20 @@ mod tests {
             "{line}"
         );
         assert_eq!(line.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn timestamps_match_rfc3339_micros_across_seconds() {
+        let base = at();
+        for offset_us in [0_u64, 1, 129_746, 999_999, 1_000_000, 86_400_000_007, 5] {
+            let t = base + Duration::from_micros(offset_us);
+            let mut out = Vec::new();
+            push_timestamp(&mut out, t);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                humantime::format_rfc3339_micros(t).to_string()
+            );
+        }
     }
 
     #[test]

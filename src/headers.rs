@@ -41,6 +41,11 @@ const CLIENT_CREDENTIALS: [HeaderName; 5] = [
 /// Removes hop-by-hop headers, including any named by `Connection` (RFC 9110 §7.6.1).
 /// `Transfer-Encoding` is removed too: the body is re-framed by our own client or server.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the few names present finds that out
+    // more cheaply than a hashed removal per listed name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Only allocate when a Connection header names extra headers, which is rare.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -58,10 +63,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(name)
+}
+
 /// Prepares a client's headers for the upstream: hop-by-hop and client credentials removed,
 /// `Host` dropped (the client sets it from the upstream URL).
 pub fn sanitize_request(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
+    if !headers
+        .keys()
+        .any(|k| *k == header::HOST || CLIENT_CREDENTIALS.contains(k))
+    {
+        return;
+    }
     for name in &CLIENT_CREDENTIALS {
         headers.remove(name);
     }
