@@ -201,6 +201,15 @@ impl http_body::Body for SimBody {
         }
     }
 
+    // Telling the end here lets HTTP/2 set END_STREAM on the last DATA frame, as servers do,
+    // instead of sending an empty DATA frame after it.
+    fn is_end_stream(&self) -> bool {
+        match self {
+            SimBody::Whole(b) => b.is_end_stream(),
+            SimBody::Faulty { first, rest, .. } => first.is_none() && rest.is_none(),
+        }
+    }
+
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             SimBody::Whole(b) => b.size_hint(),
