@@ -5,8 +5,9 @@
 //! Environment: `LOAD_SECONDS` (per run, default 5), `LOAD_ROUNDS` (default 3),
 //! `LOAD_CONNS` (comma list, default `1,16,64`), `LOAD_VARIANTS` (comma list of the
 //! `LAYER_VARIANTS` to run besides `meetgate`; default all), `LOAD_NGINX` (`off`, or the nginx binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the
-//! configs and logs), `LOAD_PERF_OUT=FILE` (`perf record` meetgate in one extra, unreported
-//! run at 16 connections, or the first connection count given, after the rounds).
+//! configs and logs), `LOAD_PERF_OUT=FILE` (`perf record` meetgate, or the variant named by
+//! `LOAD_PERF_TARGET`, in one extra, unreported run at 16 connections, or the first connection
+//! count given, after the rounds).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -1105,7 +1106,11 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     }
 
     // Profiled in an extra, unreported run: perf slows its target down.
-    if let (Some(out), Some(p)) = (s.perf_out.as_deref(), proxies.first()) {
+    let perf_target = std::env::var("LOAD_PERF_TARGET").ok();
+    let profiled = proxies
+        .iter()
+        .find(|p| perf_target.as_deref().is_none_or(|t| p.name == t));
+    if let (Some(out), Some(p)) = (s.perf_out.as_deref(), profiled) {
         let perf = Perf::start(Some(out), p.guard.child.id());
         let r = load(&plain(p.addr), Some(p), &ours, perf_c, s.seconds, ticks).await?;
         perf.stop();
