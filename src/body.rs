@@ -1,10 +1,11 @@
-//! Request bodies on their way upstream: buffered (and so replayable) up to a limit, streamed
-//! beyond it.
+//! Bodies in transit: request bodies on their way upstream (buffered, and so replayable, up to
+//! a limit, streamed beyond it) and the upstream's response bodies under a silence timeout.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -110,6 +111,80 @@ impl Body for ProxyBody {
     }
 }
 
+/// The upstream's response body, cut off with [`BodyStalled`] after `timeout` without a
+/// frame. The body is polled first and the timer armed only when it has nothing ready, so a
+/// response that is already here (nearly all of them) never touches the timer wheel;
+/// tower-http's `TimeoutBody` arms and disarms a timer on every poll.
+#[derive(Debug)]
+pub struct IdleTimeout<B> {
+    inner: B,
+    timeout: Duration,
+    /// Allocated the first time the body has to wait, then reset.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The timer runs for the current silence.
+    armed: bool,
+}
+
+/// No frame from the upstream within `upstream.body_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream body stalled for longer than {0:?}")]
+pub struct BodyStalled(pub Duration);
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, timeout: Duration) -> IdleTimeout<B> {
+        IdleTimeout {
+            inner,
+            timeout,
+            sleep: None,
+            armed: false,
+        }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.armed = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if !this.armed {
+            this.armed = true;
+            let deadline = tokio::time::Instant::now() + this.timeout;
+            match &mut this.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let expired = this
+            .sleep
+            .as_mut()
+            .is_some_and(|sleep| std::future::Future::poll(sleep.as_mut(), cx).is_ready());
+        if expired {
+            return Poll::Ready(Some(Err(Box::new(BodyStalled(this.timeout)))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Reads the client's body into memory when it fits `replay_limit`, so the request can be
 /// replayed; a larger (or larger-announced) body streams instead.
 pub async fn prepare(
@@ -171,4 +246,52 @@ pub async fn prepare(
     }
     let all = first.unwrap_or_else(|| buf.freeze());
     Ok(ProxyBody::Full((!all.is_empty()).then_some(all)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// A body fed frame by frame from a channel; ends when the sender is dropped.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// Silence is measured from the last frame: a body slower in total than the timeout, but
+    /// never silent that long, arrives whole; a longer silence ends it with `BodyStalled`.
+    #[tokio::test(start_paused = true)]
+    async fn only_silence_longer_than_the_timeout_cuts_the_body() {
+        let timeout = Duration::from_secs(1);
+        let (tx, rx) = mpsc::channel(4);
+        let feeder = tokio::spawn(async move {
+            for _ in 0..3 {
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+                tokio::time::sleep(timeout * 8 / 10).await;
+            }
+        });
+        let body = IdleTimeout::new(Fed(rx), timeout).collect().await;
+        assert_eq!(body.unwrap().to_bytes().as_ref(), b"xxx");
+        feeder.await.unwrap();
+
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(b"x")).await.unwrap();
+        let mut body = IdleTimeout::new(Fed(rx), timeout);
+        assert!(body.frame().await.unwrap().is_ok());
+        let started = tokio::time::Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyStalled>(), "{err}");
+        assert_eq!(started.elapsed(), timeout);
+        drop(tx);
+    }
 }

@@ -13,11 +13,10 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use secrecy::ExposeSecret;
 use tokio::sync::Semaphore;
-use tower_http::timeout::TimeoutBody;
 
 use crate::access::AccessRules;
 use crate::accesslog;
-use crate::body::{self, ProxyBody};
+use crate::body::{self, IdleTimeout, ProxyBody};
 use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::config::{AppConfig, Config};
@@ -34,7 +33,7 @@ use crate::upstream::{read_body, Upstream, UpstreamBuildError};
 
 /// What the gateway answers with: the upstream's streamed body, or one it built itself.
 /// The upstream's body is watched for silence longer than `upstream.body_timeout`.
-pub type ResponseBody = Either<TimeoutBody<Incoming>, Full<Bytes>>;
+pub type ResponseBody = Either<IdleTimeout<Incoming>, Full<Bytes>>;
 
 /// The upstream's code for an invalid or expired access token.
 const TOKEN_INVALID_CODE: &str = "USG.000000004";
@@ -558,7 +557,7 @@ impl Gateway {
             if status != StatusCode::UNAUTHORIZED && status != StatusCode::TOO_MANY_REQUESTS {
                 let body_timeout = config.upstream.body_timeout;
                 return Ok(self.finish(
-                    resp.map(|b| Either::Left(TimeoutBody::new(body_timeout, b))),
+                    resp.map(|b| Either::Left(IdleTimeout::new(b, body_timeout))),
                     ctx,
                 ));
             }
