@@ -264,9 +264,19 @@ impl Proxy {
         self.pids().iter().map(|p| cpu_ticks(*p)).sum()
     }
 
-    /// Access-log lines since the last call; truncates the file.
+    /// Access-log lines since the last call; truncates the file. Waits first until the file
+    /// stops growing: meetgate writes its log in batches (up to 10 ms late).
     fn take_access_lines(&self) -> LogView {
         const KEEP_AT_MOST: usize = 10_000;
+        let len = || std::fs::metadata(&self.access_log).map_or(0, |m| m.len());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let (mut last, mut still) = (len(), 0);
+        while still < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = len();
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+        }
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(&self.access_log) {
             let _ = f.read_to_string(&mut text);
@@ -911,10 +921,16 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
             median(col(|r| r.others_pct)),
         );
     }
-    let mg = LAYER_VARIANTS[0].0;
-    if results.contains_key(&(NGINX.to_owned(), c)) {
+    if !results.contains_key(&(NGINX.to_owned(), c)) {
+        return;
+    }
+    // Every meetgate variant that ran, against nginx.
+    for (mg, _) in LAYER_VARIANTS {
+        if !results.contains_key(&((*mg).to_owned(), c)) {
+            continue;
+        }
         println!(
-            "{:<13} {:>24} {:>22} {:>22} {:>20}",
+            "{:<18} {:>19} {:>22} {:>22} {:>20}",
             format!("{mg}/nginx"),
             ratio(results, mg, NGINX, c, |r| r.rps),
             ratio(results, mg, NGINX, c, |r| r.p50_us),
