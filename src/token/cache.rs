@@ -6,10 +6,10 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
@@ -138,12 +138,16 @@ struct Flight {
     last_error: Option<String>,
 }
 
+/// How stale a slot's recorded last use may be (see [`TokenCache::get`]).
+const LAST_USE_RESOLUTION_MS: u64 = 1000;
+
 /// One token key's state.
 pub struct Slot {
     pub key: TokenKey,
     // Swapped on reload when the app's credentials change.
     app: ArcSwap<AppConfig>,
-    current: RwLock<Option<Arc<Token>>>,
+    // Read by every request on every worker: lock-free, so readers write no shared state.
+    current: ArcSwapOption<Token>,
     // Held for the duration of a sign-in: this is what makes it one at a time per key.
     flight: tokio::sync::Mutex<Flight>,
     wake: Arc<Notify>,
@@ -153,7 +157,7 @@ pub struct Slot {
 
 impl Slot {
     pub fn current(&self) -> Option<Arc<Token>> {
-        self.current.read().map_or(None, |c| c.clone())
+        self.current.load_full()
     }
 
     pub fn app(&self) -> Arc<AppConfig> {
@@ -248,10 +252,7 @@ impl TokenCache {
             let changed = !slot.app.load().same_credentials(app);
             slot.app.store(app.clone());
             if changed {
-                *slot
-                    .current
-                    .write()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+                slot.current.store(None);
                 tracing::info!(app = %slot.key.app, user = %slot.key.user, "App credentials changed; signing in again");
                 slot.wake.notify_one();
             }
@@ -283,7 +284,7 @@ impl TokenCache {
         let slot = Arc::new(Slot {
             key: probe.clone(),
             app: ArcSwap::new(app.clone()),
-            current: RwLock::new(None),
+            current: ArcSwapOption::empty(),
             flight: tokio::sync::Mutex::new(Flight::default()),
             wake: Arc::new(Notify::new()),
             generation: AtomicU64::new(0),
@@ -339,7 +340,11 @@ impl TokenCache {
     /// refresh runs in the background); otherwise waits for the one sign-in in flight.
     pub async fn get(&self, slot: &Slot) -> Result<Arc<Token>, GatewayError> {
         let now = self.inner.clock.now_ms();
-        slot.last_used_ms.store(now, Ordering::Relaxed);
+        // Idle eviction counts in minutes: a write a second keeps this line from bouncing
+        // between the workers' cores on every request.
+        if now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed)) >= LAST_USE_RESOLUTION_MS {
+            slot.last_used_ms.store(now, Ordering::Relaxed);
+        }
         if let Some(token) = slot.current() {
             match freshness(&token, now) {
                 Freshness::Fresh => return Ok(token),
@@ -357,15 +362,14 @@ impl TokenCache {
     /// Drops the token with `generation` after the upstream refused it, unless a newer one
     /// already replaced it; the next `get` signs in (once, however many callers).
     pub fn invalidate(&self, slot: &Slot, generation: u64) {
-        let mut current = slot
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if current.as_ref().is_some_and(|t| t.generation == generation) {
-            if let Some(t) = current.as_ref() {
-                self.inner.auth.invalidated(t.header());
-            }
-            *current = None;
+        let current = slot.current.load();
+        let Some(token) = current.as_ref().filter(|t| t.generation == generation) else {
+            return;
+        };
+        // Only if it is still that token: a sign-in may have replaced it meanwhile.
+        let previous = slot.current.compare_and_swap(&*current, None);
+        if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
+            self.inner.auth.invalidated(token.header());
             tracing::info!(app = %slot.key.app, user = %slot.key.user, generation, "Token refused upstream; signing in again");
         }
     }
@@ -423,10 +427,7 @@ impl Inner {
                     expires_at_ms,
                     generation,
                 });
-                *slot
-                    .current
-                    .write()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(token.clone());
+                slot.current.store(Some(token.clone()));
                 *flight = Flight::default();
                 self.stats.sign_ins_ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.sign_in(&slot.key.app, had_valid, true);
@@ -484,7 +485,8 @@ fn evict(
     make_room: bool,
 ) -> usize {
     let before = slots.len();
-    let idle_ms = cfg.identity_idle.as_millis() as u64;
+    // Last use is recorded to the second; never evict within that resolution.
+    let idle_ms = cfg.identity_idle.as_millis() as u64 + LAST_USE_RESOLUTION_MS;
     slots.retain(|_, s| {
         Arc::strong_count(s) > 1
             || now_ms.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) < idle_ms
