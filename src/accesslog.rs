@@ -147,14 +147,15 @@ impl Style {
         }
     }
 
-    /// A field tracing records with Display: bare in text, a string in JSON.
-    fn display(self, out: &mut Vec<u8>, key: &str, value: std::fmt::Arguments<'_>) {
+    /// A field tracing records with Display: bare in text, a string in JSON. `write` must
+    /// produce nothing that needs escaping (methods are tokens, peers addresses).
+    fn display(self, out: &mut Vec<u8>, key: &str, write: impl FnOnce(&mut Vec<u8>)) {
         self.key(out, key);
         match self {
-            Style::Text => push_fmt(out, value),
+            Style::Text => write(out),
             Style::Json => {
                 out.push(b'"');
-                push_fmt(out, value);
+                write(out);
                 out.push(b'"');
             }
         }
@@ -169,12 +170,11 @@ impl Style {
 
 fn fields(e: &Entry<'_>, style: Style, out: &mut Vec<u8>) {
     let mut int = itoa::Buffer::new();
-    // Methods are tokens and peers addresses: nothing to escape in either style.
-    style.display(out, "method", format_args!("{}", e.method));
+    style.display(out, "method", |o| o.extend_from_slice(e.method.as_bytes()));
     style.string(out, "path", e.path);
     style.string(out, "operation", e.operation);
     style.bare(out, "status", int.format(e.status).as_bytes());
-    style.display(out, "client", format_args!("{}", e.client));
+    style.display(out, "client", |o| push_addr(o, e.client));
     style.string(out, "app", e.app);
     style.string(out, "user", e.user);
     for (key, d) in [
@@ -220,6 +220,24 @@ fn push_timestamp(out: &mut Vec<u8>, now: SystemTime) {
     out.push(b'.');
     out.extend_from_slice(&digits);
     out.push(b'Z');
+}
+
+/// As `SocketAddr`'s Display, without the formatting machinery for the common IPv4 case.
+fn push_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    let mut int = itoa::Buffer::new();
+    match addr {
+        SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(int.format(octet).as_bytes());
+            }
+            out.push(b':');
+            out.extend_from_slice(int.format(v4.port()).as_bytes());
+        }
+        SocketAddr::V6(_) => push_fmt(out, format_args!("{addr}")),
+    }
 }
 
 fn push_fmt(out: &mut Vec<u8>, args: std::fmt::Arguments<'_>) {
@@ -369,6 +387,21 @@ mod tests {
                 String::from_utf8(out).unwrap(),
                 humantime::format_rfc3339_micros(t).to_string()
             );
+        }
+    }
+
+    #[test]
+    fn peer_addresses_as_display_writes_them() {
+        for addr in [
+            "127.0.0.1:58186",
+            "10.0.255.9:1",
+            "[::1]:8080",
+            "[fe80::1%2]:443",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut out = Vec::new();
+            push_addr(&mut out, addr);
+            assert_eq!(String::from_utf8(out).unwrap(), addr.to_string());
         }
     }
 

@@ -403,8 +403,9 @@ impl Gateway {
             }
         };
         metrics.in_flight.dec();
-        access_log(&ctx, resp.status(), error.as_ref());
-        record(&metrics, &ctx, resp.status());
+        let total = ctx.start.elapsed();
+        access_log(&ctx, total, resp.status(), error.as_ref());
+        record(&metrics, &ctx, total, resp.status());
         resp
     }
 
@@ -647,7 +648,7 @@ impl Gateway {
 }
 
 /// Counters and histograms for one finished request.
-fn record(metrics: &Metrics, ctx: &RequestCtx, status: StatusCode) {
+fn record(metrics: &Metrics, ctx: &RequestCtx, total: Duration, status: StatusCode) {
     let op = OperationLabels {
         operation: ctx.operation,
     };
@@ -662,7 +663,7 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, status: StatusCode) {
     metrics
         .request_seconds
         .get_or_create(&op)
-        .observe(ctx.start.elapsed().as_secs_f64());
+        .observe(total.as_secs_f64());
     if !ctx.upstream_time.is_zero() {
         metrics
             .upstream_seconds
@@ -718,7 +719,12 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// The one access-log line of a request.
-fn access_log(ctx: &RequestCtx, status: StatusCode, error: Option<&(&'static str, String)>) {
+fn access_log(
+    ctx: &RequestCtx,
+    total: Duration,
+    status: StatusCode,
+    error: Option<&(&'static str, String)>,
+) {
     let up = |i: usize| -> &str {
         ctx.upstream_headers[i]
             .as_ref()
@@ -733,7 +739,7 @@ fn access_log(ctx: &RequestCtx, status: StatusCode, error: Option<&(&'static str
         client: ctx.peer,
         app: ctx.app.as_ref().map_or("-", |a| a.name.as_str()),
         user: ctx.user.as_deref().unwrap_or("-"),
-        total: ctx.start.elapsed(),
+        total,
         queue_wait: ctx.queue_wait,
         token_wait: ctx.token_wait,
         upstream: ctx.upstream_time,
