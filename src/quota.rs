@@ -143,7 +143,7 @@ struct Limit {
     limiter: Limiter,
     cell: RollbackCell,
     /// Our own admissions inside the last window: what we expect the upstream to have counted.
-    recent: VecDeque<Instant>,
+    recent: Recent,
     budget: Option<Budget>,
     /// Burst capacity left after the last admission, and when: to estimate a queue's wait.
     spare: u32,
@@ -177,7 +177,7 @@ impl Limit {
             params,
             limiter,
             cell,
-            recent: VecDeque::new(),
+            recent: Recent::new(spec.window, Instant::now()),
             budget: None,
             spare,
             spare_at: Instant::now(),
@@ -197,9 +197,7 @@ impl Limit {
     ) -> Limit {
         let used = old
             .recent
-            .iter()
-            .filter(|t| now.duration_since(**t) < old.spec.window.max(spec.window))
-            .count() as u64;
+            .count_within(now, old.spec.window.max(spec.window));
         let available = old
             .available(now)
             .min(u64::from(params.burst.get()).saturating_sub(used));
@@ -222,18 +220,71 @@ impl Limit {
     /// window ago may have reached the upstream just under one, and must still count as ours
     /// or the upstream's counters would look like someone else's traffic.
     fn prune(&mut self, now: Instant, margin: Duration) {
-        let horizon = self.spec.window + margin;
-        // More than `limit` entries say nothing more (the upstream cannot have counted more
-        // of ours than it allows): the log stays bounded by the limit.
-        let cap = self.spec.limit.get() as usize + 1;
-        while self.recent.len() > cap
-            || self
-                .recent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= horizon)
-        {
-            self.recent.pop_front();
+        self.recent.prune(now, self.spec.window + margin);
+    }
+}
+
+/// Slots per window in [`Recent`].
+const RECENT_SLOTS: u32 = 64;
+
+/// Admissions over a trailing span, counted per slot of `window / RECENT_SLOTS`: memory stays
+/// a few dozen entries whatever the limit (a log of instants grows with the limit, megabytes
+/// for large ones). A slot counts until all of it has aged out, so counts err towards "ours"
+/// by at most one slot.
+struct Recent {
+    slot: Duration,
+    origin: Instant,
+    /// (slot index since `origin`, admissions in it), oldest first.
+    slots: VecDeque<(u64, u32)>,
+}
+
+impl Recent {
+    fn new(window: Duration, origin: Instant) -> Recent {
+        Recent {
+            slot: (window / RECENT_SLOTS).max(Duration::from_millis(1)),
+            origin,
+            slots: VecDeque::new(),
         }
+    }
+
+    fn index(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(since / self.slot.as_nanos().max(1)).unwrap_or(u64::MAX)
+    }
+
+    /// Index of the oldest slot that still overlaps `span` before `now`.
+    fn oldest_within(&self, now: Instant, span: Duration) -> u64 {
+        now.checked_sub(span).map_or(0, |start| self.index(start))
+    }
+
+    fn push(&mut self, at: Instant) {
+        let i = self.index(at);
+        match self.slots.back_mut() {
+            Some((last, n)) if *last == i => *n = n.saturating_add(1),
+            _ => self.slots.push_back((i, 1)),
+        }
+    }
+
+    /// Drops slots that lie wholly before `now - horizon`.
+    fn prune(&mut self, now: Instant, horizon: Duration) {
+        let oldest = self.oldest_within(now, horizon);
+        while self.slots.front().is_some_and(|(i, _)| *i < oldest) {
+            self.slots.pop_front();
+        }
+    }
+
+    /// Admissions in slots overlapping the `span` before `now`.
+    fn count_within(&self, now: Instant, span: Duration) -> u64 {
+        let oldest = self.oldest_within(now, span);
+        self.slots
+            .iter()
+            .filter(|(i, _)| *i >= oldest)
+            .map(|(_, n)| u64::from(*n))
+            .sum()
+    }
+
+    fn total(&self) -> u64 {
+        self.slots.iter().map(|(_, n)| u64::from(*n)).sum()
     }
 }
 
@@ -279,14 +330,13 @@ impl Bucket {
             .limits
             .iter()
             .map(|l| {
-                let used = l
-                    .recent
-                    .iter()
-                    .filter(|t| now.duration_since(**t) < l.spec.window)
-                    .count();
+                let used = l.recent.count_within(now, l.spec.window);
                 (
                     l.spec.kind,
-                    l.spec.limit.get().saturating_sub(used as u32),
+                    l.spec
+                        .limit
+                        .get()
+                        .saturating_sub(u32::try_from(used).unwrap_or(u32::MAX)),
                     l.last_upstream_remain,
                 )
             })
@@ -379,7 +429,7 @@ impl Bucket {
     fn record(&self, state: &mut BucketState, now: Instant, spares: Option<[u32; 2]>) {
         for (i, limit) in state.limits.iter_mut().enumerate() {
             limit.prune(now, self.margin);
-            limit.recent.push_back(now);
+            limit.recent.push(now);
             if let Some(spares) = spares {
                 limit.spare = spares.get(i).copied().unwrap_or(0);
                 limit.spare_at = now;
@@ -851,7 +901,7 @@ impl QuotaManager {
         let margin = self.cfg.load().safety_margin;
         limit.last_upstream_remain = Some(remain);
         limit.prune(now, margin);
-        let ours = limit.recent.len() as u64;
+        let ours = limit.recent.total();
         let expected = u64::from(limit.spec.limit.get()).saturating_sub(ours);
         if remain < expected {
             let in_flight = bucket.in_flight.load(Ordering::Relaxed) as u64;
@@ -1131,6 +1181,34 @@ mod tests {
     }
 
     #[test]
+    fn recent_admissions_are_counted_per_slot_in_bounded_memory() {
+        let window = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut recent = Recent::new(window, t0);
+        // 200 000 admissions spread over one window: a few dozen entries, every one counted.
+        for i in 0..200_000u64 {
+            recent.push(t0 + window * u32::try_from(i).unwrap() / 200_000);
+        }
+        assert!(recent.slots.len() <= RECENT_SLOTS as usize + 1);
+        let end = t0 + window;
+        assert_eq!(recent.total(), 200_000);
+        assert_eq!(recent.count_within(end, window), 200_000);
+        // The last half window: half of them, give or take the one straddling slot.
+        let half = recent.count_within(end, window / 2);
+        let slot = 200_000 / u64::from(RECENT_SLOTS);
+        assert!((100_000..=100_000 + slot + 1).contains(&half), "{half}");
+        // Pruned only once wholly older than the horizon.
+        recent.prune(
+            end + Duration::from_secs(1),
+            window + Duration::from_secs(1),
+        );
+        assert_eq!(recent.total(), 200_000);
+        recent.prune(end + window + window / 2, window);
+        assert_eq!(recent.total(), 0);
+        assert!(recent.slots.is_empty());
+    }
+
+    #[test]
     fn our_own_requests_at_the_window_edge_do_not_look_like_a_shared_quota() {
         let (mgr, bucket) = one_bucket(50, 60, 100, 1, 10);
         assert!(bucket.try_admit(Instant::now()).is_ok());
@@ -1138,7 +1216,9 @@ mod tests {
         {
             let mut s = bucket.state.lock().expect("lock");
             for l in &mut s.limits {
-                l.recent[0] = Instant::now() - l.spec.window - Duration::from_millis(50);
+                let at = Instant::now() - l.spec.window - Duration::from_millis(50);
+                l.recent = Recent::new(l.spec.window, at);
+                l.recent.push(at);
             }
         }
         mgr.apply_report(
