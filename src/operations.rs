@@ -58,7 +58,9 @@ const TOKEN_MANAGEMENT: [&str; 3] = ["update_token", "check_token", "delete_toke
 
 #[derive(Default)]
 struct Node {
-    literal: HashMap<&'static str, Node>,
+    /// Sorted by segment: a binary search of a few short strings is cheaper per request than
+    /// hashing each segment.
+    literal: Vec<(&'static str, Node)>,
     param: Option<Box<Node>>,
     op: Option<OperationId>,
 }
@@ -71,7 +73,16 @@ impl Node {
                 .param
                 .get_or_insert_with(Default::default)
                 .insert(rest, id),
-            Some((seg, rest)) => self.literal.entry(seg).or_default().insert(rest, id),
+            Some((seg, rest)) => {
+                let i = match self.literal.binary_search_by(|(k, _)| k.cmp(seg)) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        self.literal.insert(i, (seg, Node::default()));
+                        i
+                    }
+                };
+                self.literal[i].1.insert(rest, id);
+            }
         }
     }
 
@@ -81,7 +92,12 @@ impl Node {
         let Some(seg) = segments.next() else {
             return self.op;
         };
-        if let Some(found) = self.literal.get(seg).and_then(|n| n.find(segments.clone())) {
+        let literal = self
+            .literal
+            .binary_search_by(|(k, _)| (*k).cmp(seg))
+            .ok()
+            .and_then(|i| self.literal.get(i));
+        if let Some(found) = literal.and_then(|(_, n)| n.find(segments.clone())) {
             return Some(found);
         }
         self.param.as_ref().and_then(|n| n.find(segments))
