@@ -272,6 +272,64 @@ mod tests {
         }
     }
 
+    /// Stdout that accepts nothing until released.
+    struct Stuck {
+        released: Arc<(Mutex<bool>, Condvar)>,
+        out: Out,
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, cv) = &*self.released;
+            let mut released = lock.lock().unwrap();
+            while !*released {
+                released = cv.wait(released).unwrap();
+            }
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_stdout_makes_loggers_wait_and_loses_nothing() {
+        let released = Arc::new((Mutex::new(false), Condvar::new()));
+        let out = Out::default();
+        let (sink, guard) = Sink::start(
+            Stuck {
+                released: released.clone(),
+                out: out.clone(),
+            },
+            false,
+        )
+        .unwrap();
+        let line = vec![b'x'; 1023];
+        let lines = 3 * MAX_PENDING / 1024;
+        let logger = {
+            let sink = sink.clone();
+            let mut line = line.clone();
+            line.push(b'\n');
+            std::thread::spawn(move || {
+                for _ in 0..lines {
+                    sink.append(&line);
+                }
+            })
+        };
+        // The logger fills the pending buffer, then waits for room.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sink.shared.lock().blocked == 0 {
+            assert!(std::time::Instant::now() < deadline, "logger never blocked");
+            std::thread::yield_now();
+        }
+        assert!(sink.shared.lock().pending.len() <= MAX_PENDING + line.len() + 1);
+        *released.0.lock().unwrap() = true;
+        released.1.notify_all();
+        logger.join().unwrap();
+        drop(guard);
+        assert_eq!(out.0.lock().unwrap().len(), lines * 1024);
+    }
+
     #[test]
     fn lines_arrive_without_the_guard_dropping() {
         let out = Out::default();
