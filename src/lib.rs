@@ -112,7 +112,7 @@ pub async fn serve(
         }
         None => None,
     };
-    let workers = match workers::Workers::start(config.workers, &config.upstream) {
+    let workers = match workers::Workers::start(config.workers, gateway.upstream()) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "Cannot start the workers; serving nothing");

@@ -68,6 +68,8 @@ fn build_apps(tokens: &TokenCache, config: &Config) -> Vec<AppEntry> {
 pub struct Gateway {
     config: ArcSwap<Config>,
     ops: &'static OperationTable,
+    /// For sign-ins; requests go through their worker's own pool ([`Upstream::fresh_pool`]).
+    upstream: Upstream,
     tokens: TokenCache,
     quota: Arc<QuotaManager>,
     apps: ArcSwap<Vec<AppEntry>>,
@@ -155,6 +157,7 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             config: ArcSwap::new(config),
             ops: OperationTable::global(),
+            upstream,
             tokens,
             quota,
             apps: ArcSwap::from_pointee(apps),
@@ -167,6 +170,10 @@ impl Gateway {
             )),
             cluster,
         }))
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     pub fn tokens(&self) -> &TokenCache {

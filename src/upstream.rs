@@ -88,6 +88,8 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<UpstreamConnector, ProxyBody>,
+    connector: UpstreamConnector,
+    pool: PoolSettings,
     scheme: Scheme,
     authority: Option<Authority>,
     request_timeout: Duration,
@@ -127,6 +129,29 @@ pub fn tls_config_with(
     Ok(config)
 }
 
+/// Pool settings, kept to build a fresh pool per worker.
+#[derive(Clone, Copy)]
+struct PoolSettings {
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+}
+
+impl PoolSettings {
+    fn client(self, connector: UpstreamConnector) -> Client<UpstreamConnector, ProxyBody> {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(self.idle_timeout)
+            .pool_max_idle_per_host(self.max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            // A response body the client stopped reading once it had Content-Length bytes
+            // cancels its stream; h2 counts those as local resets and by default closes the
+            // connection (GOAWAY) after 1024 of them, failing every request in flight on it.
+            // The upstream is ours to trust, so no cap.
+            .http2_max_local_error_reset_streams(None)
+            .build(connector)
+    }
+}
+
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamBuildError> {
         let tls = tls_config_with(&cfg.extra_roots, cfg.http2)?;
@@ -140,23 +165,31 @@ impl Upstream {
             connect_timeout: cfg.connect_timeout,
             tls_timeout: cfg.tls_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // A response body the client stopped reading once it had Content-Length bytes
-            // cancels its stream; h2 counts those as local resets and by default closes the
-            // connection (GOAWAY) after 1024 of them, failing every request in flight on it.
-            // The upstream is ours to trust, so no cap.
-            .http2_max_local_error_reset_streams(None)
-            .build(connector);
+        let pool = PoolSettings {
+            idle_timeout: cfg.pool_idle_timeout,
+            max_idle_per_host: cfg.pool_max_idle_per_host,
+        };
         Ok(Upstream {
-            client,
+            client: pool.client(connector.clone()),
+            connector,
+            pool,
             scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
             authority: cfg.url.authority().cloned(),
             request_timeout: cfg.request_timeout,
         })
+    }
+
+    /// The same upstream with a pool of its own (for a worker), sharing the TLS configuration
+    /// and connector already built.
+    pub fn fresh_pool(&self) -> Upstream {
+        Upstream {
+            client: self.pool.client(self.connector.clone()),
+            connector: self.connector.clone(),
+            pool: self.pool,
+            scheme: self.scheme.clone(),
+            authority: self.authority.clone(),
+            request_timeout: self.request_timeout,
+        }
     }
 
     /// The absolute URI of `path_and_query` on the upstream. Only ever the configured upstream:

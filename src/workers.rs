@@ -13,8 +13,7 @@ use std::time::Duration;
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
 
-use crate::config::UpstreamConfig;
-use crate::upstream::{Upstream, UpstreamBuildError};
+use crate::upstream::Upstream;
 
 /// Period of the timer each worker keeps due (see [`anchor_timers`]); shorter than any
 /// per-request timeout (the shortest, `limits.header_read_timeout`, is seconds).
@@ -61,17 +60,9 @@ pub struct Workers {
     _stop: Vec<oneshot::Sender<()>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum WorkersError {
-    #[error("cannot start a worker thread: {0}")]
-    Thread(#[from] std::io::Error),
-    #[error(transparent)]
-    Upstream(#[from] UpstreamBuildError),
-}
-
 impl Workers {
-    /// Starts `count` (at least one) worker threads with an upstream client each.
-    pub fn start(count: usize, upstream: &UpstreamConfig) -> Result<Workers, WorkersError> {
+    /// Starts `count` (at least one) worker threads, each with its own pool to `upstream`.
+    pub fn start(count: usize, upstream: &Upstream) -> std::io::Result<Workers> {
         let count = count.max(1);
         let mut workers = Vec::with_capacity(count);
         let mut stop = Vec::with_capacity(count);
@@ -91,7 +82,7 @@ impl Workers {
                 })?;
             workers.push(Worker {
                 handle,
-                upstream: Arc::new(Upstream::new(upstream)?),
+                upstream: Arc::new(upstream.fresh_pool()),
             });
             stop.push(stop_tx);
         }
@@ -107,30 +98,22 @@ impl Workers {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         &self.workers[i]
     }
-
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn upstream_config() -> UpstreamConfig {
+    fn upstream() -> Upstream {
         let text = "[[apps]]\napp_id = \"a\"\napp_key = \"k\"\n";
-        crate::config::load_str(text, &std::collections::HashMap::new())
-            .expect("valid")
-            .upstream
+        let config =
+            crate::config::load_str(text, &std::collections::HashMap::new()).expect("valid");
+        Upstream::new(&config.upstream).expect("upstream")
     }
 
     #[test]
     fn connections_are_dealt_in_turn_and_workers_stop_when_dropped() {
-        let workers = Workers::start(2, &upstream_config()).expect("workers");
+        let workers = Workers::start(2, &upstream()).expect("workers");
         let rt = Builder::new_current_thread()
             .enable_all()
             .build()
