@@ -10,8 +10,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 mod common;
 
-use meetgate::simulator::{self, SimApp, SimConfig, SimLimits};
-
 const APP_ID: &str = "bench-cluster-app-0123456789abcd";
 const APP_KEY: &str = "bench-cluster-key";
 
@@ -85,14 +83,16 @@ async fn main() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server on PATH");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let sim = simulator::start(SimConfig {
-        apps: vec![SimApp::new(APP_ID, APP_KEY)],
-        limits: SimLimits::unlimited(),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator");
+    // Ready once it accepts connections.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "redis-server never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sim = common::unlimited_sim(APP_ID, APP_KEY).await;
     const NO_BINDING: &str =
         "[quota]\nper_api_per_minute = 1000000\nall_env_per_second = 1000000\nburst = 100000\n";
     let (single, stop1) = common::gateway(&sim, APP_ID, APP_KEY, NO_BINDING).await;

@@ -112,13 +112,7 @@ async fn steady_flood(window: WindowKind, name: &str, windows: u32) {
 }
 
 async fn burst_after_idle(size: usize) {
-    let sim = simulator::start(SimConfig {
-        apps: vec![SimApp::new(APP_ID, APP_KEY)],
-        limits: SimLimits::unlimited(),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator");
+    let sim = common::unlimited_sim(APP_ID, APP_KEY).await;
     let (addr, stop) = quota_gateway(&sim, "30s").await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     // Open the connections (client and upstream pools) first, then let the bucket refill, so

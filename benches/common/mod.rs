@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use meetgate::simulator::SimHandle;
+use meetgate::simulator::{self, SimApp, SimConfig, SimHandle, SimLimits};
 use tokio::sync::oneshot;
 
 /// Runs a gateway in this process in front of `sim`, signing in as (app_id, app_key), with
@@ -41,4 +41,15 @@ pub(crate) async fn gateway(
         .await;
     });
     (addr, tx)
+}
+
+/// The simulator with no rate limits, knowing the one app (app_id, app_key).
+pub(crate) async fn unlimited_sim(app_id: &str, app_key: &str) -> SimHandle {
+    simulator::start(SimConfig {
+        apps: vec![SimApp::new(app_id, app_key)],
+        limits: SimLimits::unlimited(),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator")
 }

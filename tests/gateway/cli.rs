@@ -126,18 +126,7 @@ fn every_shipped_config_loads() {
 async fn run_subcommand_serves_with_a_config_file() {
     let sim = default_sim().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, sim.ca_pem()).expect("write ca");
-    let cfg = dir.path().join("meetgate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 3\n[upstream]\nurl = \"{}\"\nca_file = {:?}\n[[apps]]\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n[log]\nformat = \"json\"\n",
-            sim.url(),
-            ca.display().to_string()
-        ),
-    )
-    .expect("write config");
+    let cfg = binary_config(&sim, dir.path(), "workers = 3", "");
     let mut gateway = RunningBinary::run(&cfg, &[(KEY_ENV, APP_KEY)]);
     let addr = gateway.listening();
     // Connections are dealt to the workers in turn: each of these lands on a worker, and

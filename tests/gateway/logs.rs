@@ -35,19 +35,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
 async fn one_json_line_per_request_with_upstream_ids() {
     let sim = default_sim().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, sim.ca_pem()).expect("ca");
-    let cfg = dir.path().join("meetgate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\nca_file = {:?}\n\
-             [[apps]]\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n[log]\nformat = \"json\"\nlevel = \"trace\"\n",
-            sim.url(),
-            ca.display().to_string()
-        ),
-    )
-    .expect("config");
+    let cfg = binary_config(&sim, dir.path(), "", "level = \"trace\"");
     let mut gateway = RunningBinary::run(&cfg, &[(KEY_ENV, APP_KEY)]);
     let addr = gateway.listening();
     let client = http_client();

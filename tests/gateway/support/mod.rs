@@ -432,6 +432,31 @@ impl Drop for RedisServer {
     }
 }
 
+/// Writes a config for the real binary into `dir`: both listeners on free ports, the simulator
+/// as upstream (its CA next to the config), the test app with its key from `KEY_ENV`, JSON logs.
+/// `top` goes before the first section, `log` into `[log]`.
+pub fn binary_config(
+    sim: &SimHandle,
+    dir: &std::path::Path,
+    top: &str,
+    log: &str,
+) -> std::path::PathBuf {
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, sim.ca_pem()).expect("write ca");
+    let cfg = dir.join("meetgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{top}\n[upstream]\nurl = \"{}\"\nca_file = {:?}\n\
+             [[apps]]\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n[log]\nformat = \"json\"\n{log}\n",
+            sim.url(),
+            ca.display().to_string()
+        ),
+    )
+    .expect("write config");
+    cfg
+}
+
 /// `meetgate run --config <file>` as a child process, its stdout lines (JSON logs) on a
 /// channel; killed when dropped.
 pub struct RunningBinary {
