@@ -35,6 +35,9 @@ pub struct SimConfig {
     pub latency: Duration,
     /// Keep request bodies in the request log.
     pub record_bodies: bool,
+    /// Offer HTTP/2 in ALPN; `false` serves HTTP/1.1 only, like an upstream behind an
+    /// HTTP/1.1-only load balancer.
+    pub http2: bool,
 }
 
 impl Default for SimConfig {
@@ -50,6 +53,7 @@ impl Default for SimConfig {
             debug_headers: DebugHeaders::default(),
             latency: Duration::ZERO,
             record_bodies: true,
+            http2: true,
         }
     }
 }

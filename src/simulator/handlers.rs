@@ -50,8 +50,9 @@ const CONF_NOT_FOUND: (&str, &str) = ("MMC.111072065", "CONF_NOT_FOUND_OR_AUTH_F
 
 /// The service answers with this error to make hyper drop the connection (h2: reset the stream)
 /// without a response.
+/// With an h2 error inside, hyper resets an h2 stream with that error's reason.
 #[derive(Debug)]
-pub(crate) struct ResetConnection;
+pub(crate) struct ResetConnection(Option<h2::Error>);
 
 impl std::fmt::Display for ResetConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,7 +60,11 @@ impl std::fmt::Display for ResetConnection {
     }
 }
 
-impl std::error::Error for ResetConnection {}
+impl std::error::Error for ResetConnection {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.as_ref().map(|e| e as _)
+    }
+}
 
 /// Checks what `start` cannot repair.
 pub(crate) fn validate(config: &SimConfig) -> Result<(), SimError> {
@@ -105,6 +110,7 @@ pub(crate) struct Sim {
     config: SimConfig,
     addr: SocketAddr,
     state: Mutex<State>,
+    pub(crate) open_connections: std::sync::atomic::AtomicUsize,
 }
 
 /// An answer before the common headers are added.
@@ -186,7 +192,7 @@ impl http_body::Body for SimBody {
                 }
                 if *reset {
                     if rest.take().is_some() {
-                        return Poll::Ready(Some(Err(Box::new(ResetConnection))));
+                        return Poll::Ready(Some(Err(Box::new(ResetConnection(None)))));
                     }
                     return Poll::Ready(None);
                 }
@@ -232,6 +238,7 @@ impl Sim {
             apps,
             config,
             addr,
+            open_connections: std::sync::atomic::AtomicUsize::new(0),
             state: Mutex::new(state),
         })
     }
@@ -292,6 +299,8 @@ impl Sim {
             },
             status: 0,
             at: arrived,
+            peer,
+            version: parts.version,
         });
 
         let route = self.routes.find(&parts.method, parts.uri.path());
@@ -327,13 +336,16 @@ impl Sim {
             tokio::time::sleep(self.config.latency).await;
         }
 
-        let Ok(reply) = reply else {
-            tracing::debug!(
-                method = %parts.method,
-                path = parts.uri.path(),
-                "Simulator dropped the connection (fault)"
-            );
-            return Err(ResetConnection);
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(reset) => {
+                tracing::debug!(
+                    method = %parts.method,
+                    path = parts.uri.path(),
+                    "Simulator dropped the connection (fault)"
+                );
+                return Err(reset);
+            }
         };
         self.lock().requests.set_status(seq, reply.status.as_u16());
         tracing::debug!(
@@ -706,9 +718,13 @@ impl Sim {
                 Ok(app) => app,
                 Err(reply) => return Ok(reply),
             };
-            if let Some(Fault::Throttle { retry_after, .. }) =
-                st.take_fault(FaultStage::BeforeLimits)
-            {
+            let before_limits = st.take_fault(FaultStage::BeforeLimits);
+            if let Some(Fault::RefuseStream { .. }) = before_limits {
+                return Err(ResetConnection(Some(h2::Error::from(
+                    h2::Reason::REFUSED_STREAM,
+                ))));
+            }
+            if let Some(Fault::Throttle { retry_after, .. }) = before_limits {
                 st.rejected_429 += 1;
                 let limits = st.limits.clone();
                 let full = |l: Option<super::SimLimit>| {
@@ -752,7 +768,7 @@ impl Sim {
         };
         let (fault, app) = after_admission;
         match fault {
-            Some(Fault::ResetBeforeResponse { .. }) => return Err(ResetConnection),
+            Some(Fault::ResetBeforeResponse { .. }) => return Err(ResetConnection(None)),
             Some(Fault::BusinessStatus { status, .. }) => {
                 let status =
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -74,6 +74,10 @@ pub enum Fault {
     /// Business response headers and half the body go out, then the connection (HTTP/1.1) or
     /// stream (h2) is reset: the request was processed, the answer never fully arrives.
     ResetMidBody { count: usize },
+    /// A business request is refused unprocessed, after authentication and before the limits: h2
+    /// resets the stream with `REFUSED_STREAM` (safe to send again, RFC 9113 §8.7); HTTP/1.1,
+    /// which has no such signal, drops the connection.
+    RefuseStream { count: usize },
 }
 
 /// One request as the simulator received it. `Debug` redacts credential headers.
@@ -88,6 +92,9 @@ pub struct RecordedRequest {
     /// 0 when the simulator did not answer (a reset fault).
     pub status: u16,
     pub at: Instant,
+    /// The client's address: requests with the same one came over the same connection.
+    pub peer: std::net::SocketAddr,
+    pub version: http::Version,
 }
 
 impl RecordedRequest {
@@ -163,7 +170,12 @@ pub enum SimError {
 /// Binds, starts serving in a spawned task, and returns once the socket is listening.
 pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
     handlers::validate(&config)?;
-    let (tls_config, ca_pem) = tls::server_config(&config.tls)?;
+    let (mut tls_config, ca_pem) = tls::server_config(&config.tls)?;
+    if !config.http2 {
+        let mut http1_only = (*tls_config).clone();
+        http1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tls_config = Arc::new(http1_only);
+    }
     let listen = config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -297,6 +309,13 @@ impl SimHandle {
         st.admissions
             .get(&name)
             .map_or(0, |log| limits::max_in_window(log, window))
+    }
+
+    /// Client connections open now (TLS established, not yet closed).
+    pub fn open_connections(&self) -> usize {
+        self.sim
+            .open_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many 429 `APIG.0308` answers were sent (limits and `Throttle` faults).

@@ -1,6 +1,7 @@
 //! The simulator's accept loop: TLS handshake, HTTP/1.1 or h2 per connection, shutdown.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +84,7 @@ async fn serve_conn(
             return;
         }
     };
+    let _open = OpenConnection::count(&sim);
     let service = service_fn(move |req| Arc::clone(&sim).handle(req, peer));
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(tls), service);
@@ -99,5 +101,21 @@ async fn serve_conn(
                 tracing::debug!(%peer, error = %e, "Simulator connection ended with an error");
             }
         }
+    }
+}
+
+/// Counts a connection in [`Sim::open_connections`] for as long as it is held.
+struct OpenConnection(Arc<Sim>);
+
+impl OpenConnection {
+    fn count(sim: &Arc<Sim>) -> OpenConnection {
+        sim.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(sim))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }

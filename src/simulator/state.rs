@@ -278,6 +278,7 @@ impl Fault {
         match self {
             Fault::BusinessStatus { count, .. }
             | Fault::Throttle { count, .. }
+            | Fault::RefuseStream { count }
             | Fault::SignInStatus { count, .. }
             | Fault::SignInBody { count, .. }
             | Fault::Delay { count, .. }
@@ -290,7 +291,7 @@ impl Fault {
     fn stage(&self) -> FaultStage {
         match self {
             Fault::SignInStatus { .. } | Fault::SignInBody { .. } => FaultStage::SignIn,
-            Fault::Throttle { .. } => FaultStage::BeforeLimits,
+            Fault::Throttle { .. } | Fault::RefuseStream { .. } => FaultStage::BeforeLimits,
             Fault::BusinessStatus { .. }
             | Fault::Delay { .. }
             | Fault::SlowBody { .. }
@@ -552,6 +553,8 @@ mod tests {
             body: bytes::Bytes::new(),
             status: 0,
             at: Instant::now(),
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+            version: http::Version::HTTP_11,
         };
         let a = log.push(rec());
         log.clear();
