@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 
 use crate::access::AccessRules;
 use crate::accesslog;
-use crate::body::{self, IdleTimeout, ProxyBody};
+use crate::body::{self, IdleTimeout, ProxyBody, UpstreamBody};
 use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::config::{AppConfig, Config};
@@ -33,7 +33,7 @@ use crate::upstream::{read_body, Upstream, UpstreamBuildError};
 
 /// What the gateway answers with: the upstream's streamed body, or one it built itself.
 /// The upstream's body is watched for silence longer than `upstream.body_timeout`.
-pub type ResponseBody = Either<IdleTimeout<Incoming>, Full<Bytes>>;
+pub type ResponseBody = Either<IdleTimeout<UpstreamBody>, Full<Bytes>>;
 
 /// The upstream's code for an invalid or expired access token.
 const TOKEN_INVALID_CODE: &str = "USG.000000004";

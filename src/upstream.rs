@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -20,11 +19,18 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, UpstreamBody};
 use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, Phase};
 
+mod lane;
+
+pub use lane::H2Body;
+use lane::{Lane, Sent};
+
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
+/// A TLS connection to the upstream as the connector makes it.
+type TlsIo = tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>;
 
 /// Why a connection could not be made, carried through hyper-util's error to [`classify`].
 #[derive(Debug, thiserror::Error)]
@@ -59,28 +65,35 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri.host().ok_or(ConnectError::NoHost)?;
-            // IPv6 literals come bracketed in URIs; ServerName wants them bare.
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let server_name = ServerName::try_from(host)
-                .map_err(|e| ConnectError::Failed(Phase::TlsHandshake, std::io::Error::other(e)))?;
-            let mut tcp = this.tcp;
-            let tcp = tokio::time::timeout(this.connect_timeout, tcp.call(uri))
-                .await
-                .map_err(|_| ConnectError::Timeout(Phase::Connect, this.connect_timeout))?
-                .map_err(|e| ConnectError::Failed(Phase::Connect, std::io::Error::other(e)))?;
-            let tls = tokio::time::timeout(
-                this.tls_timeout,
-                this.tls.connect(server_name, TokioIo::new(tcp)),
-            )
-            .await
-            .map_err(|_| ConnectError::Timeout(Phase::TlsHandshake, this.tls_timeout))?
-            .map_err(|e| ConnectError::Failed(Phase::TlsHandshake, e))?;
+            let tls = this.tls(uri).await?;
             Ok(MaybeHttpsStream::Https(TokioIo::new(tls)))
         })
+    }
+}
+
+impl UpstreamConnector {
+    async fn tls(&self, uri: Uri) -> Result<TlsIo, ConnectError> {
+        use tower_service::Service as _;
+        let host = uri.host().ok_or(ConnectError::NoHost)?;
+        // IPv6 literals come bracketed in URIs; ServerName wants them bare.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = ServerName::try_from(host)
+            .map_err(|e| ConnectError::Failed(Phase::TlsHandshake, std::io::Error::other(e)))?;
+        let mut tcp = self.tcp.clone();
+        let tcp = tokio::time::timeout(self.connect_timeout, tcp.call(uri))
+            .await
+            .map_err(|_| ConnectError::Timeout(Phase::Connect, self.connect_timeout))?
+            .map_err(|e| ConnectError::Failed(Phase::Connect, std::io::Error::other(e)))?;
+        tokio::time::timeout(
+            self.tls_timeout,
+            self.tls.connect(server_name, TokioIo::new(tcp)),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout(Phase::TlsHandshake, self.tls_timeout))?
+        .map_err(|e| ConnectError::Failed(Phase::TlsHandshake, e))
     }
 }
 
@@ -88,6 +101,8 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<UpstreamConnector, ProxyBody>,
+    /// The direct HTTP/2 lane, when `upstream.http2` offers HTTP/2.
+    lane: Option<Arc<Lane>>,
     connector: UpstreamConnector,
     pool: PoolSettings,
     scheme: Scheme,
@@ -134,6 +149,7 @@ pub fn tls_config_with(
 struct PoolSettings {
     idle_timeout: Duration,
     max_idle_per_host: usize,
+    http2: bool,
 }
 
 impl PoolSettings {
@@ -149,6 +165,16 @@ impl PoolSettings {
             // The upstream is ours to trust, so no cap.
             .http2_max_local_error_reset_streams(None)
             .build(connector)
+    }
+
+    fn lane(self, connector: &UpstreamConnector, target: &Uri) -> Option<Arc<Lane>> {
+        self.http2.then(|| {
+            Arc::new(Lane::new(
+                connector.clone(),
+                target.clone(),
+                self.idle_timeout,
+            ))
+        })
     }
 }
 
@@ -168,9 +194,11 @@ impl Upstream {
         let pool = PoolSettings {
             idle_timeout: cfg.pool_idle_timeout,
             max_idle_per_host: cfg.pool_max_idle_per_host,
+            http2: cfg.http2,
         };
         Ok(Upstream {
             client: pool.client(connector.clone()),
+            lane: pool.lane(&connector, &cfg.url),
             connector,
             pool,
             scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
@@ -184,6 +212,7 @@ impl Upstream {
     pub fn fresh_pool(&self) -> Upstream {
         Upstream {
             client: self.pool.client(self.connector.clone()),
+            lane: self.pool.lane(&self.connector, &self.target()),
             connector: self.connector.clone(),
             pool: self.pool,
             scheme: self.scheme.clone(),
@@ -204,15 +233,50 @@ impl Upstream {
             .map_err(|_| GatewayError::BadRequest("the request target is not a valid URI"))
     }
 
-    /// Sends a request and waits for the response headers under `request_timeout`.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, GatewayError> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+    /// Scheme and authority of the upstream.
+    fn target(&self) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = self.authority.clone();
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// Sends a request and waits for the response headers under `request_timeout` (which
+    /// includes connecting when no connection is open).
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        match tokio::time::timeout(self.request_timeout, self.exchange(req)).await {
             Err(_) => Err(GatewayError::UpstreamTimeout {
                 phase: Phase::ResponseHeaders,
                 after: self.request_timeout,
             }),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&e)),
+            Ok(result) => result,
+        }
+    }
+
+    async fn exchange(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let req = match (&self.lane, req.body()) {
+            (Some(lane), ProxyBody::Full(_)) => {
+                let req = req.map(|b| match b {
+                    ProxyBody::Full(b) => b,
+                    ProxyBody::Stream { .. } => None,
+                });
+                match lane.send(req).await? {
+                    Sent::H2(resp) => return Ok(resp.map(UpstreamBody::Right)),
+                    Sent::Http1(req) => req.map(ProxyBody::Full),
+                }
+            }
+            _ => req,
+        };
+        match self.client.request(req).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::Left)),
+            Err(e) => Err(classify(&e)),
         }
     }
 
@@ -231,20 +295,7 @@ fn classify(err: &hyper_util::client::legacy::Error) -> GatewayError {
             };
         }
         if let Some(ce) = s.downcast_ref::<ConnectError>() {
-            return match ce {
-                ConnectError::Timeout(phase, after) => GatewayError::UpstreamTimeout {
-                    phase: *phase,
-                    after: *after,
-                },
-                ConnectError::Failed(phase, io) => GatewayError::UpstreamUnreachable {
-                    phase: *phase,
-                    detail: io.to_string(),
-                },
-                ConnectError::NoHost => GatewayError::UpstreamUnreachable {
-                    phase: Phase::Connect,
-                    detail: ce.to_string(),
-                },
-            };
+            return connect_error(ce);
         }
         source = s.source();
     }
@@ -256,6 +307,23 @@ fn classify(err: &hyper_util::client::legacy::Error) -> GatewayError {
     GatewayError::UpstreamUnreachable {
         phase,
         detail: error_chain(err),
+    }
+}
+
+fn connect_error(ce: &ConnectError) -> GatewayError {
+    match ce {
+        ConnectError::Timeout(phase, after) => GatewayError::UpstreamTimeout {
+            phase: *phase,
+            after: *after,
+        },
+        ConnectError::Failed(phase, io) => GatewayError::UpstreamUnreachable {
+            phase: *phase,
+            detail: io.to_string(),
+        },
+        ConnectError::NoHost => GatewayError::UpstreamUnreachable {
+            phase: Phase::Connect,
+            detail: ce.to_string(),
+        },
     }
 }
 
@@ -276,7 +344,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 
 /// Reads a whole (small) upstream body; used for sign-in answers and 401 checks only.
 pub async fn read_body(
-    body: Incoming,
+    body: UpstreamBody,
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, GatewayError> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use meetgate::simulator::{self, Fault, SimConfig, SimLimits, SimTls};
+use meetgate::simulator::{self, Fault};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -406,26 +406,6 @@ async fn broken_sign_in_answers_give_503_then_recover() {
     }
 }
 
-/// A simulator serving `cert` (its chain and key written to files).
-async fn sim_with_cert(
-    cert: &simulator::tls::GeneratedCert,
-    dir: &std::path::Path,
-) -> simulator::SimHandle {
-    let (c, k) = (dir.join("sim.pem"), dir.join("sim.key"));
-    std::fs::write(&c, &cert.cert_pem).expect("write");
-    std::fs::write(&k, &cert.key_pem).expect("write");
-    start_sim(SimConfig {
-        apps: vec![sim_app()],
-        limits: SimLimits::unlimited(),
-        tls: SimTls::Files {
-            cert_file: c,
-            key_file: k,
-        },
-        ..SimConfig::default()
-    })
-    .await
-}
-
 #[tokio::test]
 async fn certificates_for_another_name_or_expired_are_refused() {
     let now = time::OffsetDateTime::now_utc();
@@ -445,7 +425,7 @@ async fn certificates_for_another_name_or_expired_are_refused() {
     for (what, cert) in [("another name", other), ("expired", expired)] {
         let sub = dir.path().join(what.replace(' ', "-"));
         std::fs::create_dir_all(&sub).expect("dir");
-        let sim = sim_with_cert(&cert, &sub).await;
+        let sim = sim_with_cert(LOOPBACK_ANY_PORT, &cert, &sub).await;
         // Trust the issuing CA, so only the name or the dates are wrong.
         let d = tempfile::tempdir().expect("tempdir");
         let config = gateway_config(

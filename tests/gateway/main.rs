@@ -4,6 +4,7 @@
 mod access;
 mod cli;
 mod cluster;
+mod connections;
 mod deploy;
 mod forwarding;
 mod hardening;

@@ -44,6 +44,32 @@ pub async fn default_sim() -> SimHandle {
     .await
 }
 
+/// `127.0.0.1:0`: a free loopback port.
+pub const LOOPBACK_ANY_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// A simulator on `listen` serving `cert` (its chain and key written to files in `dir`).
+pub async fn sim_with_cert(
+    listen: SocketAddr,
+    cert: &simulator::tls::GeneratedCert,
+    dir: &std::path::Path,
+) -> SimHandle {
+    let (c, k) = (dir.join("sim.pem"), dir.join("sim.key"));
+    std::fs::write(&c, &cert.cert_pem).expect("write");
+    std::fs::write(&k, &cert.key_pem).expect("write");
+    start_sim(SimConfig {
+        listen,
+        apps: vec![sim_app()],
+        limits: SimLimits::unlimited(),
+        tls: simulator::SimTls::Files {
+            cert_file: c,
+            key_file: k,
+        },
+        ..SimConfig::default()
+    })
+    .await
+}
+
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,

@@ -1,0 +1,312 @@
+//! The direct HTTP/2 lane: one multiplexed upstream connection per pool, over which a request
+//! with a buffered body goes out as HEADERS and DATA together, in one write.
+//!
+//! hyper's HTTP/2 client hands every request body with data to a task of its own, which sends
+//! it only after the connection task has flushed the headers: two TLS records, two `writev`
+//! and two more task wake-ups per request. Our bodies are buffered anyway (for replays), so
+//! the h2 crate can take the headers and the data at once and the connection task writes
+//! them, and those of every other request ready at that moment, in one go. Streamed (large)
+//! bodies and upstreams that answer ALPN with `http/1.1` stay with hyper-util's pooled client.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::{Connection, SendRequest};
+use h2::{Reason, RecvStream};
+use http::{HeaderValue, Request, Response, Uri};
+use http_body::{Body, Frame};
+
+use super::{connect_error, error_chain, TlsIo, UpstreamConnector};
+use crate::error::{GatewayError, Phase};
+
+/// Flow-control windows and limits as hyper's HTTP/2 client sets them: a response up to
+/// 2 MiB (5 MiB over all streams) flows without waiting for our window updates.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// Which way the lane goes for the next request.
+enum State {
+    /// No connection: the next request opens one.
+    Closed,
+    Open {
+        id: u64,
+        send: SendRequest<Bytes>,
+        /// Set by each request; cleared by the idle check (see [`drive`]).
+        used: bool,
+    },
+    /// The upstream chose HTTP/1.1 in ALPN: the pooled client serves it from now on.
+    Http1,
+}
+
+/// Where [`Lane::send`] sent the request.
+pub(crate) enum Sent {
+    H2(Response<H2Body>),
+    /// The upstream speaks HTTP/1.1 only: the request comes back unsent for the pooled client.
+    Http1(Request<Option<Bytes>>),
+}
+
+pub(crate) struct Lane {
+    connector: UpstreamConnector,
+    /// Scheme and authority of the upstream, for the connector.
+    target: Uri,
+    idle_timeout: Duration,
+    state: Mutex<State>,
+    /// One connection attempt at a time: requests arriving meanwhile wait for it and share it.
+    connecting: tokio::sync::Mutex<()>,
+    next_id: AtomicU64,
+}
+
+impl Lane {
+    pub(crate) fn new(connector: UpstreamConnector, target: Uri, idle_timeout: Duration) -> Lane {
+        Lane {
+            connector,
+            target,
+            idle_timeout,
+            state: Mutex::new(State::Closed),
+            connecting: tokio::sync::Mutex::new(()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is a plain value, valid whatever a panicking holder was doing.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The open connection, marked used; `Ok(None)` when the upstream speaks HTTP/1.1 only.
+    fn current(&self) -> Option<Option<(u64, SendRequest<Bytes>)>> {
+        match &mut *self.state() {
+            State::Closed => None,
+            State::Http1 => Some(None),
+            State::Open { id, send, used } => {
+                *used = true;
+                Some(Some((*id, send.clone())))
+            }
+        }
+    }
+
+    /// Forgets connection `id` (broken, or idle), unless another has replaced it already.
+    fn forget(&self, id: u64) {
+        let mut state = self.state();
+        if matches!(&*state, State::Open { id: open, .. } if *open == id) {
+            *state = State::Closed;
+        }
+    }
+
+    async fn connection(
+        self: &Arc<Self>,
+    ) -> Result<Option<(u64, SendRequest<Bytes>)>, GatewayError> {
+        if let Some(found) = self.current() {
+            return Ok(found);
+        }
+        let _gate = self.connecting.lock().await;
+        if let Some(found) = self.current() {
+            return Ok(found);
+        }
+        let io = self
+            .connector
+            .tls(self.target.clone())
+            .await
+            .map_err(|e| connect_error(&e))?;
+        if io.get_ref().1.alpn_protocol() != Some(b"h2") {
+            tracing::debug!("Upstream chose HTTP/1.1 in ALPN; using the pooled HTTP/1.1 client");
+            *self.state() = State::Http1;
+            return Ok(None);
+        }
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
+            // A response body the client stopped reading once it had Content-Length bytes
+            // cancels its stream; h2 counts those as local resets and by default closes the
+            // connection (GOAWAY) after 1024 of them, failing every request in flight on it.
+            // The upstream is ours to trust, so no cap.
+            .max_local_error_reset_streams(None)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| GatewayError::UpstreamUnreachable {
+                phase: Phase::Connect,
+                detail: format!("HTTP/2 handshake: {}", error_chain(&e)),
+            })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive(conn, Arc::downgrade(self), id, self.idle_timeout));
+        *self.state() = State::Open {
+            id,
+            send: send.clone(),
+            used: true,
+        };
+        Ok(Some((id, send)))
+    }
+
+    /// Sends `req` on the lane's connection (opening it when needed) and waits for the
+    /// response headers. A request the upstream provably did not process is sent once more:
+    /// on a new connection when the old one was already closed or went away (GOAWAY), on the
+    /// same one when only the stream was refused.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        req: Request<Option<Bytes>>,
+    ) -> Result<Sent, GatewayError> {
+        let (mut parts, body) = req.into_parts();
+        if let Some(b) = &body {
+            // hyper's clients announce a buffered length the same way.
+            parts
+                .headers
+                .entry(http::header::CONTENT_LENGTH)
+                .or_insert_with(|| HeaderValue::from(b.len()));
+        }
+        let mut retried = false;
+        loop {
+            let Some((id, send)) = self.connection().await? else {
+                return Ok(Sent::Http1(Request::from_parts(parts, body)));
+            };
+            let mut send = match send.ready().await {
+                Ok(send) => send,
+                // Nothing was sent on a connection that is already gone.
+                Err(e) if !retried => {
+                    tracing::debug!(error = %e, "Upstream HTTP/2 connection gone; reconnecting");
+                    self.forget(id);
+                    retried = true;
+                    continue;
+                }
+                Err(e) => return Err(stream_error(&e)),
+            };
+            // The copy is what a replay needs once the request is handed to h2.
+            let mut head = Request::new(());
+            *head.method_mut() = parts.method.clone();
+            *head.uri_mut() = parts.uri.clone();
+            *head.headers_mut() = parts.headers.clone();
+            let (response, mut stream) = match send.send_request(head, body.is_none()) {
+                Ok(sent) => sent,
+                Err(e) if !retried => {
+                    tracing::debug!(error = %e, "Upstream HTTP/2 connection refused a stream; reconnecting");
+                    self.forget(id);
+                    retried = true;
+                    continue;
+                }
+                Err(e) => return Err(stream_error(&e)),
+            };
+            if let Some(b) = &body {
+                // Queued with the headers; flow control lets it out when the window allows.
+                stream
+                    .send_data(b.clone(), true)
+                    .map_err(|e| stream_error(&e))?;
+            }
+            match response.await {
+                Ok(resp) => return Ok(Sent::H2(resp.map(H2Body::new))),
+                Err(e) if !retried && unprocessed(&e) => {
+                    tracing::debug!(error = %e, "Upstream did not process a stream; sending it again");
+                    // A refused stream says nothing against the connection; a GOAWAY does.
+                    if e.is_go_away() {
+                        self.forget(id);
+                    }
+                    retried = true;
+                }
+                Err(e) => return Err(stream_error(&e)),
+            }
+        }
+    }
+}
+
+/// Whether the upstream said it did not act on the stream: refused, or above a GOAWAY's last
+/// processed stream (RFC 9113 §8.7), so sending it again cannot do anything twice.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.reason() == Some(Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+}
+
+fn stream_error(e: &h2::Error) -> GatewayError {
+    GatewayError::UpstreamUnreachable {
+        phase: Phase::ResponseHeaders,
+        detail: error_chain(e),
+    }
+}
+
+/// Runs a connection until it ends; closes it once idle.
+///
+/// Every `idle_timeout` the check clears the lane's `used` flag; a connection found unused is
+/// dropped from the lane, and h2 closes it once its last stream and handle are gone.
+async fn drive(conn: Connection<TlsIo, Bytes>, lane: Weak<Lane>, id: u64, idle_timeout: Duration) {
+    let mut conn = std::pin::pin!(conn);
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %error_chain(&e), "Upstream HTTP/2 connection ended");
+                }
+                break;
+            }
+            () = tokio::time::sleep(idle_timeout) => {
+                let Some(lane) = lane.upgrade() else { break };
+                let mut state = lane.state();
+                if let State::Open { id: open, used, .. } = &mut *state {
+                    if *open == id {
+                        // Streams still running keep the connection open after this.
+                        if !*used {
+                            *state = State::Closed;
+                        } else {
+                            *used = false;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(lane) = lane.upgrade() {
+        lane.forget(id);
+    }
+}
+
+/// A response body from the lane: the stream's data, then its trailers; each chunk read gives
+/// its flow-control window back to the upstream.
+pub struct H2Body {
+    recv: RecvStream,
+    data_done: bool,
+}
+
+impl H2Body {
+    fn new(recv: RecvStream) -> H2Body {
+        H2Body {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // The window is the connection's, not ours to hold: give it back at once.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}

@@ -1,0 +1,191 @@
+//! Upstream connections: one multiplexed HTTP/2 connection per worker, HTTP/1.1 when the
+//! upstream only speaks that, a refused stream sent again, reconnection after the upstream
+//! restarts, and idle connections closed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode, Version};
+use meetgate::simulator::{self, Fault, SimConfig, SimLimits};
+
+use crate::support::*;
+
+const START: &str = "/v1/mmc/management/conferences/start";
+const BODY: &[u8] = br#"{"conferenceID":"914087436","password":"123456"}"#;
+
+/// Business requests the simulator saw: (connection, protocol) pairs.
+fn connections(sim: &simulator::SimHandle) -> Vec<(std::net::SocketAddr, Version)> {
+    received(sim, START)
+        .iter()
+        .map(|r| (r.peer, r.version))
+        .collect()
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_one_http2_connection_per_worker() {
+    let sim = default_sim().await;
+    let gw = Arc::new(
+        spawn_gateway(
+            &sim,
+            GatewayOptions {
+                top: "workers = 1".into(),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let statuses = concurrently(32, |_| {
+        let gw = gw.clone();
+        async move { gw.start_meeting().await.status }
+    })
+    .await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let seen = connections(&sim);
+    assert_eq!(seen.len(), 32);
+    assert!(seen.iter().all(|(_, v)| *v == Version::HTTP_2), "{seen:?}");
+    let peers: HashSet<_> = seen.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "one connection for the one worker: {peers:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_speaks_only_http1_is_served_over_http1() {
+    let sim = start_sim(SimConfig {
+        apps: vec![sim_app()],
+        limits: SimLimits::unlimited(),
+        http2: false,
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    for _ in 0..3 {
+        let r = gw.start_meeting().await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    let seen = connections(&sim);
+    assert_eq!(seen.len(), 3);
+    assert!(seen.iter().all(|(_, v)| *v == Version::HTTP_11), "{seen:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_refused_is_sent_again_and_answered_once() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    sim.clear_requests();
+    sim.inject(Fault::RefuseStream { count: 1 });
+    let r = gw
+        .request(
+            Method::POST,
+            START,
+            &[("x-request-id", "rid-refused")],
+            BODY,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let seen: Vec<_> = received(&sim, START)
+        .into_iter()
+        .filter(|s| header(s, "x-request-id") == Some("rid-refused"))
+        .map(|s| s.status)
+        .collect();
+    assert_eq!(seen, [0, 200], "refused unanswered, then answered once");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn over_http1_a_refusal_is_a_broken_connection_and_never_replayed() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            upstream: "http2 = false".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    sim.clear_requests();
+    sim.inject(Fault::RefuseStream { count: 1 });
+    let r = gw.start_meeting().await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "MEETGATE.UPSTREAM_UNREACHABLE")
+    );
+    assert_eq!(received(&sim, START).len(), 1, "no replay over HTTP/1.1");
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn after_the_upstream_restarts_requests_go_over_a_new_connection() {
+    let now = time::OffsetDateTime::now_utc();
+    let cert = simulator::tls::generate_cert(
+        &["localhost".to_owned(), "127.0.0.1".to_owned()],
+        now - time::Duration::days(1),
+        now + time::Duration::days(30),
+    )
+    .expect("cert");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = sim_with_cert(LOOPBACK_ANY_PORT, &cert, dir.path()).await;
+    let gw_dir = tempfile::tempdir().expect("tempdir");
+    let config = gateway_config(
+        &first.url(),
+        &cert.ca_pem,
+        &GatewayOptions {
+            top: "workers = 1".into(),
+            ..Default::default()
+        },
+        gw_dir.path(),
+    );
+    let gw = spawn_with_config(config, gw_dir).await;
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    let addr = first.addr();
+    let before = connections(&first);
+    // A graceful stop: GOAWAY on every connection, then they close.
+    first.shutdown().await;
+
+    let second = sim_with_cert(addr, &cert, dir.path()).await;
+    for _ in 0..3 {
+        let r = gw.start_meeting().await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    // The first one was refused once more: the new upstream did not know the old token.
+    let after = connections(&second);
+    assert_eq!(after.len(), 4, "{after:?}");
+    let peers: HashSet<_> = after.iter().map(|(p, _)| *p).collect();
+    assert_eq!(peers.len(), 1, "one new connection: {peers:?}");
+    assert!(!peers.contains(&before[0].0));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            upstream: "pool_idle_timeout = \"200ms\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    assert!(sim.open_connections() >= 1);
+    eventually(
+        Duration::from_secs(10),
+        "idle connections closed",
+        || async { sim.open_connections() == 0 },
+    )
+    .await;
+    // And the next request opens one again.
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    gw.stop().await;
+}
