@@ -1079,7 +1079,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         {
             continue;
         }
-        let p = start_meetgate(name, dir, &sim, &ca_file, extra).await?;
+        let p = start_meetgate(name, dir, sim, &ca_file, extra).await?;
         println!(
             "{name}: pid {} on {}, ready {:.0} ms after spawn",
             p.guard.child.id(),
@@ -1099,7 +1099,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
             "nginx: not found (`apt-get install -y nginx`) or LOAD_NGINX=off; the nginx side is skipped"
         ),
         Some(_) => {
-            let p = start_nginx(dir, &sim, &ca_file, &token, s.workers).await?;
+            let p = start_nginx(dir, sim, &ca_file, &token, s.workers).await?;
             println!(
                 "nginx: master pid {} + {} workers on {}, ready {:.0} ms after spawn",
                 p.guard.child.id(),

@@ -27,7 +27,7 @@ impl Phase {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("no upstream operation matches {method} {path}")]
     UnknownOperation { method: String, path: String },

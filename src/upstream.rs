@@ -248,35 +248,27 @@ impl Upstream {
         &self,
         req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        match tokio::time::timeout(self.request_timeout, self.exchange(req)).await {
-            Err(_) => Err(GatewayError::UpstreamTimeout {
-                phase: Phase::ResponseHeaders,
-                after: self.request_timeout,
-            }),
-            Ok(result) => result,
-        }
-    }
-
-    async fn exchange(
-        &self,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
         let req = match (&self.lane, req.body()) {
             (Some(lane), ProxyBody::Full(_)) => {
                 let req = req.map(|b| match b {
                     ProxyBody::Full(b) => b,
                     ProxyBody::Stream { .. } => None,
                 });
-                match lane.send(req).await? {
+                match lane.send(req, deadline, self.request_timeout).await? {
                     Sent::H2(resp) => return Ok(resp.map(UpstreamBody::Right)),
                     Sent::Http1(req) => req.map(ProxyBody::Full),
                 }
             }
             _ => req,
         };
-        match self.client.request(req).await {
-            Ok(resp) => Ok(resp.map(UpstreamBody::Left)),
-            Err(e) => Err(classify(&e)),
+        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            Err(_) => Err(GatewayError::UpstreamTimeout {
+                phase: Phase::ResponseHeaders,
+                after: self.request_timeout,
+            }),
+            Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::Left)),
+            Ok(Err(e)) => Err(classify(&e)),
         }
     }
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
 use h2::{Reason, RecvStream};
-use http::{HeaderValue, Request, Response, Uri};
-use http_body::{Body, Frame};
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 
 use super::{connect_error, error_chain, TlsIo, UpstreamConnector};
 use crate::error::{GatewayError, Phase};
@@ -29,6 +29,7 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// Which way the lane goes for the next request.
 enum State {
@@ -59,6 +60,10 @@ pub(crate) struct Lane {
     state: Mutex<State>,
     /// One connection attempt at a time: requests arriving meanwhile wait for it and share it.
     connecting: tokio::sync::Mutex<()>,
+    /// Connection attempts finished, and the error of the last one if it failed: requests that
+    /// waited on a failed attempt get its error rather than trying again one after another.
+    attempts: AtomicU64,
+    last_failure: Mutex<Option<GatewayError>>,
     next_id: AtomicU64,
 }
 
@@ -70,6 +75,8 @@ impl Lane {
             idle_timeout,
             state: Mutex::new(State::Closed),
             connecting: tokio::sync::Mutex::new(()),
+            attempts: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
             next_id: AtomicU64::new(0),
         }
     }
@@ -105,10 +112,31 @@ impl Lane {
         if let Some(found) = self.current() {
             return Ok(found);
         }
+        let seen = self.attempts.load(Ordering::Acquire);
         let _gate = self.connecting.lock().await;
         if let Some(found) = self.current() {
             return Ok(found);
         }
+        if self.attempts.load(Ordering::Acquire) != seen {
+            let failed = self
+                .last_failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        let attempt = self.connect().await;
+        *self
+            .last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = attempt.as_ref().err().cloned();
+        self.attempts.fetch_add(1, Ordering::Release);
+        attempt
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Option<(u64, SendRequest<Bytes>)>, GatewayError> {
         let io = self
             .connector
             .tls(self.target.clone())
@@ -125,6 +153,9 @@ impl Lane {
             .max_header_list_size(MAX_HEADER_LIST)
             .max_send_buffer_size(MAX_SEND_BUFFER)
             .enable_push(false)
+            // Until the upstream's SETTINGS arrive, streams beyond this wait on our side instead
+            // of being sent and refused (hyper's default, below any server's usual limit).
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
             // A response body the client stopped reading once it had Content-Length bytes
             // cancels its stream; h2 counts those as local resets and by default closes the
             // connection (GOAWAY) after 1024 of them, failing every request in flight on it.
@@ -147,33 +178,57 @@ impl Lane {
     }
 
     /// Sends `req` on the lane's connection (opening it when needed) and waits for the
-    /// response headers. A request the upstream provably did not process is sent once more:
-    /// on a new connection when the old one was already closed or went away (GOAWAY), on the
-    /// same one when only the stream was refused.
+    /// response headers until `deadline`. A request the upstream provably did not process is
+    /// sent once more: on a new connection when the old one was already closed or went away
+    /// (GOAWAY), on the same one when only the stream was refused. A connection that leaves a
+    /// request unanswered until the deadline is given up for new requests: it may be dead
+    /// without TCP knowing yet.
     pub(crate) async fn send(
         self: &Arc<Self>,
         req: Request<Option<Bytes>>,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
     ) -> Result<Sent, GatewayError> {
+        let timed_out = || GatewayError::UpstreamTimeout {
+            phase: Phase::ResponseHeaders,
+            after: timeout,
+        };
         let (mut parts, body) = req.into_parts();
-        if let Some(b) = &body {
-            // hyper's clients announce a buffered length the same way.
+        // hyper's clients announce a buffered length the same way: always when there is a
+        // body, and as 0 for methods whose (empty) body means something.
+        let len = body.as_ref().map_or(0, Bytes::len);
+        if len > 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE) {
             parts
                 .headers
                 .entry(http::header::CONTENT_LENGTH)
-                .or_insert_with(|| HeaderValue::from(b.len()));
+                .or_insert_with(|| HeaderValue::from(len));
         }
-        let mut retried = false;
+        // One new connection for a request that found its connection gone, and one more send
+        // for a stream the upstream did not process: separate budgets, as either can follow
+        // the other (a GOAWAY, then a burst refused on the new connection).
+        let mut reconnected = false;
+        let mut resent = false;
         loop {
-            let Some((id, send)) = self.connection().await? else {
+            let found = tokio::time::timeout_at(deadline, self.connection())
+                .await
+                .map_err(|_| timed_out())??;
+            let Some((id, send)) = found else {
                 return Ok(Sent::Http1(Request::from_parts(parts, body)));
             };
-            let mut send = match send.ready().await {
+            let ready = match tokio::time::timeout_at(deadline, send.ready()).await {
+                Ok(ready) => ready,
+                Err(_) => {
+                    self.forget(id);
+                    return Err(timed_out());
+                }
+            };
+            let mut send = match ready {
                 Ok(send) => send,
                 // Nothing was sent on a connection that is already gone.
-                Err(e) if !retried => {
+                Err(e) if !reconnected => {
                     tracing::debug!(error = %e, "Upstream HTTP/2 connection gone; reconnecting");
                     self.forget(id);
-                    retried = true;
+                    reconnected = true;
                     continue;
                 }
                 Err(e) => return Err(stream_error(&e)),
@@ -185,29 +240,42 @@ impl Lane {
             *head.headers_mut() = parts.headers.clone();
             let (response, mut stream) = match send.send_request(head, body.is_none()) {
                 Ok(sent) => sent,
-                Err(e) if !retried => {
-                    tracing::debug!(error = %e, "Upstream HTTP/2 connection refused a stream; reconnecting");
+                Err(e) if !reconnected => {
+                    tracing::debug!(error = %e, "Upstream HTTP/2 connection took no new stream; reconnecting");
                     self.forget(id);
-                    retried = true;
+                    reconnected = true;
                     continue;
                 }
                 Err(e) => return Err(stream_error(&e)),
             };
             if let Some(b) = &body {
                 // Queued with the headers; flow control lets it out when the window allows.
-                stream
-                    .send_data(b.clone(), true)
-                    .map_err(|e| stream_error(&e))?;
+                // An error here means the stream is already reset: the response says why.
+                let _ = stream.send_data(b.clone(), true);
             }
-            match response.await {
-                Ok(resp) => return Ok(Sent::H2(resp.map(H2Body::new))),
-                Err(e) if !retried && unprocessed(&e) => {
+            let answer = match tokio::time::timeout_at(deadline, response).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.forget(id);
+                    return Err(timed_out());
+                }
+            };
+            match answer {
+                Ok(resp) => {
+                    let len = resp
+                        .headers()
+                        .get(http::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    return Ok(Sent::H2(resp.map(|recv| H2Body::new(recv, len))));
+                }
+                Err(e) if !resent && unprocessed(&e) => {
                     tracing::debug!(error = %e, "Upstream did not process a stream; sending it again");
                     // A refused stream says nothing against the connection; a GOAWAY does.
                     if e.is_go_away() {
                         self.forget(id);
                     }
-                    retried = true;
+                    resent = true;
                 }
                 Err(e) => return Err(stream_error(&e)),
             }
@@ -218,7 +286,8 @@ impl Lane {
 /// Whether the upstream said it did not act on the stream: refused, or above a GOAWAY's last
 /// processed stream (RFC 9113 §8.7), so sending it again cannot do anything twice.
 fn unprocessed(e: &h2::Error) -> bool {
-    e.reason() == Some(Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+    (e.is_reset() && e.is_remote() && e.reason() == Some(Reason::REFUSED_STREAM))
+        || (e.is_go_away() && e.is_remote())
 }
 
 fn stream_error(e: &h2::Error) -> GatewayError {
@@ -243,7 +312,13 @@ async fn drive(conn: Connection<TlsIo, Bytes>, lane: Weak<Lane>, id: u64, idle_t
                 break;
             }
             () = tokio::time::sleep(idle_timeout) => {
-                let Some(lane) = lane.upgrade() else { break };
+                let Some(lane) = lane.upgrade() else {
+                    // Nobody can start a stream any more; let those running finish.
+                    if let Err(e) = conn.as_mut().await {
+                        tracing::debug!(error = %error_chain(&e), "Upstream HTTP/2 connection ended");
+                    }
+                    return;
+                };
                 let mut state = lane.state();
                 if let State::Open { id: open, used, .. } = &mut *state {
                     if *open == id {
@@ -268,13 +343,16 @@ async fn drive(conn: Connection<TlsIo, Bytes>, lane: Weak<Lane>, id: u64, idle_t
 pub struct H2Body {
     recv: RecvStream,
     data_done: bool,
+    /// What `content-length` announced and has not arrived yet (h2 enforces the total).
+    remaining: Option<u64>,
 }
 
 impl H2Body {
-    fn new(recv: RecvStream) -> H2Body {
+    fn new(recv: RecvStream, content_length: Option<u64>) -> H2Body {
         H2Body {
             recv,
             data_done: false,
+            remaining: content_length,
         }
     }
 }
@@ -293,6 +371,9 @@ impl Body for H2Body {
                 Some(Ok(data)) => {
                     // The window is the connection's, not ours to hold: give it back at once.
                     let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = &mut this.remaining {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
@@ -308,5 +389,10 @@ impl Body for H2Body {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.remaining
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }

@@ -124,8 +124,16 @@ async fn over_http1_a_refusal_is_a_broken_connection_and_never_replayed() {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn after_the_upstream_restarts_requests_go_over_a_new_connection() {
+/// A simulator serving a certificate that a successor can serve too (on the same port), and a
+/// one-worker gateway (with `upstream` keys) that trusts it and has made one request.
+async fn restartable(
+    upstream: String,
+) -> (
+    simulator::SimHandle,
+    TestGateway,
+    simulator::tls::GeneratedCert,
+    tempfile::TempDir,
+) {
     let now = time::OffsetDateTime::now_utc();
     let cert = simulator::tls::generate_cert(
         &["localhost".to_owned(), "127.0.0.1".to_owned()],
@@ -134,19 +142,26 @@ async fn after_the_upstream_restarts_requests_go_over_a_new_connection() {
     )
     .expect("cert");
     let dir = tempfile::tempdir().expect("tempdir");
-    let first = sim_with_cert(LOOPBACK_ANY_PORT, &cert, dir.path()).await;
+    let sim = sim_with_cert(LOOPBACK_ANY_PORT, &cert, dir.path()).await;
     let gw_dir = tempfile::tempdir().expect("tempdir");
     let config = gateway_config(
-        &first.url(),
+        &sim.url(),
         &cert.ca_pem,
         &GatewayOptions {
             top: "workers = 1".into(),
+            upstream,
             ..Default::default()
         },
         gw_dir.path(),
     );
     let gw = spawn_with_config(config, gw_dir).await;
     assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    (sim, gw, cert, dir)
+}
+
+#[tokio::test]
+async fn after_the_upstream_restarts_requests_go_over_a_new_connection() {
+    let (first, gw, cert, dir) = restartable(String::new()).await;
     let addr = first.addr();
     let before = connections(&first);
     // A graceful stop: GOAWAY on every connection, then they close.
@@ -188,4 +203,38 @@ async fn idle_upstream_connections_are_closed() {
     // And the next request opens one again.
     assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
     gw.stop().await;
+}
+
+#[tokio::test]
+async fn requests_waiting_on_a_failed_connection_attempt_share_its_error() {
+    let (sim, gw, _cert, _dir) = restartable("tls_timeout = \"1s\"".into()).await;
+    let gw = Arc::new(gw);
+    let addr = sim.addr();
+    sim.shutdown().await;
+    // The upstream's port now accepts TCP and never answers the TLS handshake.
+    let silent = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    // Six requests on one worker: one at a time, each waiting out its own handshake, the
+    // last ones would run into the 5 s request timeout instead.
+    let replies = concurrently(6, |_| {
+        let gw = gw.clone();
+        async move {
+            let r = gw.start_meeting().await;
+            (
+                r.status,
+                r.json()["error_msg"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+    })
+    .await;
+    for (status, msg) in &replies {
+        assert_eq!(*status, StatusCode::GATEWAY_TIMEOUT, "{replies:?}");
+        assert!(msg.contains("TLS handshake"), "{replies:?}");
+    }
+    held.abort();
 }

@@ -186,11 +186,12 @@ async fn h2c_clients_are_served() {
 }
 
 #[tokio::test]
-async fn slow_upstream_gives_504_naming_the_phase() {
+async fn slow_upstream_gives_504_naming_the_phase_and_its_connection_is_left() {
     let sim = default_sim().await;
     let gw = spawn_gateway(
         &sim,
         GatewayOptions {
+            top: "workers = 1".into(),
             upstream: "tls_timeout = \"2s\"".into(),
             ..Default::default()
         },
@@ -209,6 +210,13 @@ async fn slow_upstream_gives_504_naming_the_phase() {
         .as_str()
         .unwrap_or("")
         .contains("response headers"));
+    // The connection that left a request unanswered may be dead without TCP knowing yet: new
+    // requests go over a new one.
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    let peers: Vec<_> = received(&sim, START).iter().map(|r| r.peer).collect();
+    assert_eq!(peers.len(), 3, "{peers:?}");
+    assert_eq!(peers[0], peers[1], "the slow one went where the first did");
+    assert_ne!(peers[1], peers[2], "the next one on a new connection");
     gw.stop().await;
 }
 
