@@ -304,7 +304,11 @@ pub struct Bucket {
     state: Mutex<BucketState>,
     waiting: AtomicUsize,
     in_flight: AtomicUsize,
-    last_used: Mutex<Instant>,
+    born: Instant,
+    /// Milliseconds after `born` of the last request, written at most once a second: every
+    /// request of every worker reads it, and a write per request would bounce its cache line
+    /// between cores. Idle eviction waits a whole window, so a second's lag is harmless.
+    last_used_ms: AtomicU64,
     /// Largest emission interval: the spacing between two paced requests at worst.
     slowest: Duration,
     margin: Duration,
@@ -458,6 +462,17 @@ impl Bucket {
     }
 
     /// How long a request with `ahead` requests queued before it will likely wait.
+    fn touch(&self, now: Instant) {
+        let ms = now.duration_since(self.born).as_millis() as u64;
+        if ms.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)) >= 1000 {
+            self.last_used_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    fn last_used(&self) -> Instant {
+        self.born + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
+
     fn estimate_wait(&self, ahead: u64, now: Instant) -> Duration {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut wait = state
@@ -576,6 +591,8 @@ pub struct QuotaManager {
     cfg: ArcSwap<QuotaConfig>,
     cluster: Option<Arc<Cluster>>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Mirrors `shutdown` for the admission fast path, which has no receiver to subscribe.
+    shutting_down: AtomicBool,
     clock: DefaultClock,
     buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
     /// One warning per operation when the upstream reports a lower limit than configured.
@@ -596,6 +613,7 @@ impl QuotaManager {
             cfg: ArcSwap::from_pointee(cfg),
             cluster,
             shutdown: tokio::sync::watch::Sender::new(false),
+            shutting_down: AtomicBool::new(false),
             clock: DefaultClock::default(),
             buckets: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashMap::new()),
@@ -618,6 +636,7 @@ impl QuotaManager {
 
     /// Every request waiting for a slot, and every later one, is refused from now on.
     pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
         self.shutdown.send_replace(true);
     }
 
@@ -702,7 +721,8 @@ impl QuotaManager {
             }),
             waiting: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
-            last_used: Mutex::new(Instant::now()),
+            born: Instant::now(),
+            last_used_ms: AtomicU64::new(0),
             slowest,
             margin: cfg.safety_margin,
             shared_base: format!(
@@ -739,14 +759,28 @@ impl QuotaManager {
     pub async fn acquire(&self, key: BucketKey, deadline: Instant) -> Result<Admission, Refused> {
         let bucket = self.bucket(key);
         let start = Instant::now();
-        if let Ok(mut last) = bucket.last_used.lock() {
-            *last = start;
-        }
+        bucket.touch(start);
         bucket.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = WaitGuard(&bucket.waiting);
+        let ahead = bucket.waiting.load(Ordering::Relaxed).saturating_sub(1) as u64;
+        // Nobody queued and a slot free now: admitted without the gate. The limiter's own
+        // lock keeps the count exact; skipping the async gate means requests on different
+        // workers never wake each other through it (a cross-thread wake-up per contended
+        // request otherwise). Shared mode decides on Redis, asynchronously, so it queues.
+        // (A free slot means no wait to estimate: with nobody ahead the estimate is zero.)
+        if ahead == 0
+            && self.cluster.is_none()
+            && !self.shutting_down.load(Ordering::Relaxed)
+            && bucket.try_admit(start).is_ok()
+        {
+            bucket.in_flight.fetch_add(1, Ordering::Relaxed);
+            return Ok(Admission {
+                bucket: bucket.clone(),
+                waited: Duration::ZERO,
+            });
+        }
         // Estimate where this request stands: everyone ahead needs a slot first. A slot that is
         // surely further away than the deadline is refused now rather than after the wait.
-        let ahead = bucket.waiting.load(Ordering::Relaxed).saturating_sub(1) as u64;
         let estimate = bucket.estimate_wait(ahead, start);
         let cfg = self.cfg.load_full();
         if !estimate.is_zero() && (cfg.mode == QuotaMode::Reject || start + estimate > deadline) {
@@ -757,20 +791,6 @@ impl QuotaManager {
         let mut shutdown = self.shutdown.subscribe();
         if *shutdown.borrow() {
             return Err(Refused::ShuttingDown);
-        }
-        // Nobody queued and a slot free now: admitted without the gate. The limiter's own
-        // lock keeps the count exact; skipping the async gate means requests on different
-        // workers never wake each other through it (a cross-thread wake-up per contended
-        // request otherwise). Shared mode decides on Redis, asynchronously, so it queues.
-        if ahead == 0 && self.cluster.is_none() {
-            let now = Instant::now();
-            if bucket.try_admit(now).is_ok() {
-                bucket.in_flight.fetch_add(1, Ordering::Relaxed);
-                return Ok(Admission {
-                    bucket: bucket.clone(),
-                    waited: now.duration_since(start),
-                });
-            }
         }
         let _turn = tokio::select! {
             turn = tokio::time::timeout_at(deadline.into(), bucket.gate.lock()) => match turn {
@@ -973,9 +993,7 @@ async fn evict_idle(mgr: Weak<QuotaManager>) {
         let mut buckets = mgr.buckets.lock().unwrap_or_else(|p| p.into_inner());
         buckets.retain(|_, b| {
             Arc::strong_count(b) > 1
-                || b.last_used
-                    .lock()
-                    .map_or(true, |t| now.duration_since(*t) < idle_after)
+                || now.duration_since(b.last_used()) < idle_after
         });
     }
 }
