@@ -3,7 +3,7 @@
 //! operation names, status classes, configured client and app names; never users or paths.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -67,7 +67,21 @@ pub struct Metrics {
     pub ready: Gauge,
     pub cluster_degraded: Gauge,
     pub cluster_fallbacks: Gauge,
+    /// Per operation (by table index): its series of the three request histograms, looked up
+    /// once. A family lookup takes the family's read lock, a write to a line every worker
+    /// shares, and hashes the labels, on every call; these handles are the same series.
+    per_op: Vec<OpHistograms>,
 }
+
+/// Which of the per-operation request histograms.
+#[derive(Clone, Copy)]
+pub enum OpHistogram {
+    Request = 0,
+    Upstream = 1,
+    QueueWait = 2,
+}
+
+type OpHistograms = [OnceLock<Histogram>; 3];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -176,6 +190,32 @@ impl Metrics {
             in_flight,
             waiting,
             ready,
+            per_op: (0..crate::operations::OperationTable::global().len())
+                .map(|_| Default::default())
+                .collect(),
+        }
+    }
+
+    /// Observes `seconds` in the `which` histogram's series for operation `name`, through the
+    /// cached handle when the request was classified as table operation `op`.
+    pub fn observe_op(
+        &self,
+        op: Option<crate::operations::OperationId>,
+        name: &'static str,
+        which: OpHistogram,
+        seconds: f64,
+    ) {
+        let family = match which {
+            OpHistogram::Request => &self.request_seconds,
+            OpHistogram::Upstream => &self.upstream_seconds,
+            OpHistogram::QueueWait => &self.queue_wait_seconds,
+        };
+        let labels = || OperationLabels { operation: name };
+        match op.and_then(|id| self.per_op.get(id.index())) {
+            Some(slots) => slots[which as usize]
+                .get_or_init(|| family.get_or_create(&labels()).clone())
+                .observe(seconds),
+            None => family.get_or_create(&labels()).observe(seconds),
         }
     }
 
@@ -207,5 +247,29 @@ pub fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operations::{OperationId, OperationTable};
+
+    /// The cached per-operation handle and a family lookup feed one and the same series.
+    #[test]
+    fn cached_handles_are_the_family_series() {
+        let metrics = Metrics::new();
+        let id = OperationId::from_index(0);
+        let name = OperationTable::global().get(id).name;
+        metrics.observe_op(Some(id), name, OpHistogram::Upstream, 0.001);
+        metrics.observe_op(Some(id), name, OpHistogram::Upstream, 0.002);
+        metrics.observe_op(None, name, OpHistogram::Upstream, 0.003);
+        let text = metrics.encode();
+        let count = format!("meetgate_upstream_duration_seconds_count{{operation=\"{name}\"}} 3");
+        assert!(text.contains(&count), "{text}");
+        assert!(
+            !text.contains("meetgate_queue_wait_seconds_count"),
+            "no series before a first observation: {text}"
+        );
     }
 }

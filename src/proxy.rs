@@ -23,9 +23,9 @@ use crate::config::{AppConfig, Config};
 use crate::error::{retry_after_secs, GatewayError};
 use crate::headers::{self, X_ACCESS_TOKEN, X_REQUEST_ID};
 use crate::metrics::{
-    status_class, AppLabels, Metrics, OperationLabels, QuotaLabels, RequestLabels,
+    status_class, AppLabels, Metrics, OpHistogram, OperationLabels, QuotaLabels, RequestLabels,
 };
-use crate::operations::{ClassifyError, OperationKind, OperationTable};
+use crate::operations::{ClassifyError, OperationId, OperationKind, OperationTable};
 use crate::quota::{Admission, BucketKey, QuotaManager, Refused};
 use crate::sdk::{SdkAuth, SdkRequest};
 use crate::token::{Authenticator, SharedAuthenticator, Slot, TokenCache, UpstreamAuthenticator};
@@ -90,6 +90,8 @@ struct RequestCtx {
     uri: Uri,
     request_id: HeaderValue,
     operation: &'static str,
+    /// Set once the request is classified: indexes per-operation metric handles.
+    op_id: Option<OperationId>,
     app: Option<Arc<AppConfig>>,
     user: Option<Arc<str>>,
     token_wait: Duration,
@@ -377,6 +379,7 @@ impl Gateway {
             uri: req.uri().clone(),
             request_id: request_id(req.headers()),
             operation: "-",
+            op_id: None,
             app: None,
             user: None,
             token_wait: Duration::ZERO,
@@ -445,6 +448,7 @@ impl Gateway {
             })?;
         let op = self.ops.get(op_id);
         ctx.operation = op.name;
+        ctx.op_id = Some(op_id);
         let config = self.config.load_full();
         let access = self.access.load_full();
         let apps = self.apps.load_full();
@@ -624,7 +628,7 @@ impl Gateway {
             self.quota.note_disabled();
             return Ok(None);
         }
-        match self.quota.acquire(key.clone(), deadline).await {
+        match self.quota.acquire(key, deadline).await {
             Ok(a) => {
                 ctx.queue_wait += a.waited;
                 ctx.quota_checked = true;
@@ -667,21 +671,13 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, total: Duration, status: StatusCo
             client: ctx.client.clone(),
         })
         .inc();
-    metrics
-        .request_seconds
-        .get_or_create(&op)
-        .observe(total.as_secs_f64());
+    let observe = |which, seconds| metrics.observe_op(ctx.op_id, ctx.operation, which, seconds);
+    observe(OpHistogram::Request, total.as_secs_f64());
     if !ctx.upstream_time.is_zero() {
-        metrics
-            .upstream_seconds
-            .get_or_create(&op)
-            .observe(ctx.upstream_time.as_secs_f64());
+        observe(OpHistogram::Upstream, ctx.upstream_time.as_secs_f64());
     }
     if ctx.quota_checked {
-        metrics
-            .queue_wait_seconds
-            .get_or_create(&op)
-            .observe(ctx.queue_wait.as_secs_f64());
+        observe(OpHistogram::QueueWait, ctx.queue_wait.as_secs_f64());
     }
     if ctx.upstream_429s > 0 {
         metrics

@@ -694,9 +694,9 @@ impl QuotaManager {
         }
     }
 
-    fn bucket(&self, key: BucketKey) -> Arc<Bucket> {
+    fn bucket(&self, key: &BucketKey) -> Arc<Bucket> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = buckets.get(&key) {
+        if let Some(b) = buckets.get(key) {
             return b.clone();
         }
         let op = key.op;
@@ -732,7 +732,7 @@ impl QuotaManager {
                 key.user.as_deref().unwrap_or("*"),
             ),
         });
-        buckets.insert(key, bucket.clone());
+        buckets.insert(key.clone(), bucket.clone());
         bucket
     }
 
@@ -756,29 +756,31 @@ impl QuotaManager {
 
     /// Waits for a slot in every limit of `key`'s bucket, in arrival order, until `deadline`.
     /// In `reject` mode, or when the slot is further away than the deadline, refuses at once.
-    pub async fn acquire(&self, key: BucketKey, deadline: Instant) -> Result<Admission, Refused> {
+    pub async fn acquire(&self, key: &BucketKey, deadline: Instant) -> Result<Admission, Refused> {
         let bucket = self.bucket(key);
         let start = Instant::now();
         bucket.touch(start);
-        bucket.waiting.fetch_add(1, Ordering::Relaxed);
-        let _waiting = WaitGuard(&bucket.waiting);
-        let ahead = bucket.waiting.load(Ordering::Relaxed).saturating_sub(1) as u64;
         // Nobody queued and a slot free now: admitted without the gate. The limiter's own
         // lock keeps the count exact; skipping the async gate means requests on different
         // workers never wake each other through it (a cross-thread wake-up per contended
         // request otherwise). Shared mode decides on Redis, asynchronously, so it queues.
         // (A free slot means no wait to estimate: with nobody ahead the estimate is zero.)
-        if ahead == 0
+        // Only reads of the shared counters here: every write to a line that all workers
+        // touch moves it between cores.
+        if bucket.waiting.load(Ordering::Relaxed) == 0
             && self.cluster.is_none()
             && !self.shutting_down.load(Ordering::Relaxed)
             && bucket.try_admit(start).is_ok()
         {
             bucket.in_flight.fetch_add(1, Ordering::Relaxed);
             return Ok(Admission {
-                bucket: bucket.clone(),
+                bucket,
                 waited: Duration::ZERO,
             });
         }
+        bucket.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = WaitGuard(&bucket.waiting);
+        let ahead = bucket.waiting.load(Ordering::Relaxed).saturating_sub(1) as u64;
         // Estimate where this request stands: everyone ahead needs a slot first. A slot that is
         // surely further away than the deadline is refused now rather than after the wait.
         let estimate = bucket.estimate_wait(ahead, start);
@@ -992,8 +994,7 @@ async fn evict_idle(mgr: Weak<QuotaManager>) {
         let now = Instant::now();
         let mut buckets = mgr.buckets.lock().unwrap_or_else(|p| p.into_inner());
         buckets.retain(|_, b| {
-            Arc::strong_count(b) > 1
-                || now.duration_since(b.last_used()) < idle_after
+            Arc::strong_count(b) > 1 || now.duration_since(b.last_used()) < idle_after
         });
     }
 }
@@ -1025,7 +1026,7 @@ mod tests {
             burst,
         );
         let mgr = QuotaManager::new(cfg);
-        let bucket = mgr.bucket(BucketKey {
+        let bucket = mgr.bucket(&BucketKey {
             op: OperationId::from_index(0),
             app: None,
             user: None,
@@ -1265,7 +1266,7 @@ mod tests {
             10,
         );
         let mgr = QuotaManager::new(cfg);
-        let bucket = mgr.bucket(BucketKey {
+        let bucket = mgr.bucket(&BucketKey {
             op: OperationId::from_index(0),
             app: None,
             user: None,

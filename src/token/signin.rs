@@ -90,7 +90,7 @@ impl UpstreamAuthenticator {
                 let deadline = Instant::now() + self.quota.config().max_wait;
                 Some(
                     self.quota
-                        .acquire(key, deadline)
+                        .acquire(&key, deadline)
                         .await
                         .map_err(|r| match r {
                             Refused::Exhausted { retry_after } => {
