@@ -391,9 +391,11 @@ impl Gateway {
             client: self.anonymous.clone(),
             upstream_headers: Default::default(),
         };
-        let metrics = self.metrics.clone();
+        // Borrowed, not cloned: every worker shares these, and a clone is a write to the
+        // shared reference count (its cache line moves between cores on every request).
+        let metrics = &self.metrics;
         metrics.in_flight.inc();
-        let permit = self.requests.clone().try_acquire_owned();
+        let permit = self.requests.try_acquire();
         let result = match permit {
             Ok(_) if conflicting_framing => Err(GatewayError::BadRequest(
                 "Content-Length and Transfer-Encoding together are not accepted",
@@ -415,7 +417,7 @@ impl Gateway {
         metrics.in_flight.dec();
         let total = ctx.start.elapsed();
         access_log(&ctx, total, resp.status(), error.as_ref());
-        record(&metrics, &ctx, total, resp.status());
+        record(metrics, &ctx, total, resp.status());
         resp
     }
 
