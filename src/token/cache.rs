@@ -366,10 +366,12 @@ impl TokenCache {
         let Some(token) = current.as_ref().filter(|t| t.generation == generation) else {
             return;
         };
+        // Dead first, then dropped: a sign-in that starts the moment the slot is empty (on
+        // another worker) must already know not to adopt this token again from a shared store.
+        self.inner.auth.invalidated(token.header());
         // Only if it is still that token: a sign-in may have replaced it meanwhile.
         let previous = slot.current.compare_and_swap(&*current, None);
         if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, token)) {
-            self.inner.auth.invalidated(token.header());
             tracing::info!(app = %slot.key.app, user = %slot.key.user, generation, "Token refused upstream; signing in again");
         }
     }

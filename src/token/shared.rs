@@ -61,23 +61,32 @@ impl SharedAuthenticator {
         )
     }
 
+    /// A usable token from the shared store: `Ok(None)` when there is none (a dead one is
+    /// deleted), `Err` when the store cannot be read.
+    async fn shared_token(&self, key: &str) -> Result<Option<Grant>, ()> {
+        let now = self.clock.now_ms();
+        match self.cluster.get_token(key).await {
+            Ok(Some(t)) if self.is_dead(&t.token) => {
+                let _ = self.cluster.delete_token_if(key, &t).await;
+                Ok(None)
+            }
+            Ok(Some(t)) if now < t.refresh_at_ms && now < t.expires_at_ms => Ok(Some(Grant {
+                lifetime: Duration::from_millis(t.expires_at_ms - now),
+                access_token: SecretString::from(t.token),
+            })),
+            Ok(_) => Ok(None),
+            Err(_) => Err(()),
+        }
+    }
+
     async fn shared_sign_in(&self, app: &AppConfig, user: &str) -> Result<Grant, SignInError> {
         let (key, lock) = self.keys(app, user);
         let give_up = self.clock.now_ms() + (self.cfg.sign_in_timeout.as_millis() as u64) * 3 / 4;
         loop {
-            let now = self.clock.now_ms();
-            match self.cluster.get_token(&key).await {
-                Ok(Some(t)) if self.is_dead(&t.token) => {
-                    let _ = self.cluster.delete_token_if(&key, &t).await;
-                }
-                Ok(Some(t)) if now < t.refresh_at_ms && now < t.expires_at_ms => {
-                    return Ok(Grant {
-                        lifetime: Duration::from_millis(t.expires_at_ms - now),
-                        access_token: SecretString::from(t.token),
-                    });
-                }
-                Ok(_) => {}
-                Err(_) => return self.inner.sign_in(app, user).await,
+            match self.shared_token(&key).await {
+                Ok(Some(grant)) => return Ok(grant),
+                Ok(None) => {}
+                Err(()) => return self.inner.sign_in(app, user).await,
             }
             match self
                 .cluster
@@ -85,6 +94,12 @@ impl SharedAuthenticator {
                 .await
             {
                 Ok(true) => {
+                    // The holder before us may have stored its token and let go between our
+                    // look and our lock: look again before signing in a second time.
+                    if let Ok(Some(grant)) = self.shared_token(&key).await {
+                        self.cluster.unlock(&lock, &self.holder).await;
+                        return Ok(grant);
+                    }
                     let result = self.inner.sign_in(app, user).await;
                     if let Ok(grant) = &result {
                         let now = self.clock.now_ms();
@@ -99,7 +114,7 @@ impl SharedAuthenticator {
                     self.cluster.unlock(&lock, &self.holder).await;
                     return result;
                 }
-                Ok(false) if now < give_up => {
+                Ok(false) if self.clock.now_ms() < give_up => {
                     // Another replica is signing in: wait for its token.
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }
