@@ -1,5 +1,6 @@
-//! The upstream HTTPS client: rustls with verified certificates, a pooled hyper-util client
-//! (HTTP/2 when ALPN offers it), a timeout per phase, and errors that name the phase.
+//! The upstream HTTPS client: rustls with verified certificates, a direct HTTP/2 lane when ALPN
+//! agrees on h2 (`lane`), hyper-util's pooled client otherwise, a timeout per phase, and errors
+//! that name the phase.
 
 use std::future::Future;
 use std::pin::Pin;
