@@ -238,3 +238,50 @@ async fn requests_waiting_on_a_failed_connection_attempt_share_its_error() {
     }
     held.abort();
 }
+
+/// A body in two frames with no length known up front: hyper's client sends it chunked.
+struct Chunked(std::collections::VecDeque<bytes::Bytes>);
+
+impl http_body::Body for Chunked {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+#[tokio::test]
+async fn bodies_are_announced_with_their_length_over_http2() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    // Sent chunked: the gateway buffers it and announces its length upstream.
+    let (a, b) = BODY.split_at(BODY.len() / 2);
+    let body = Chunked([a, b].map(bytes::Bytes::from_static).into());
+    let req = http::Request::post(gw.url(START))
+        .body(body)
+        .expect("request");
+    let resp = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http()
+        .request(req)
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    // An empty POST says so with `content-length: 0`, as hyper's own clients do.
+    let r = gw.request(Method::POST, START, &[], b"").await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "the simulator wants a body"
+    );
+    let seen = received(&sim, START);
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|s| s.version == Version::HTTP_2));
+    let len = BODY.len().to_string();
+    assert_eq!(header(&seen[0], "content-length"), Some(len.as_str()));
+    assert_eq!(header(&seen[1], "content-length"), Some("0"));
+    gw.stop().await;
+}
