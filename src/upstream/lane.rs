@@ -177,6 +177,21 @@ impl Lane {
         Ok(Some((id, send)))
     }
 
+    /// `fut`'s output, unless `deadline` comes first: then connection `id` is given up, as one
+    /// that may be dead without TCP knowing yet (see [`Lane::send`]).
+    async fn until<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        id: u64,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, ()> {
+        let outcome = tokio::time::timeout_at(deadline, fut).await;
+        if outcome.is_err() {
+            self.forget(id);
+        }
+        outcome.map_err(|_| ())
+    }
+
     /// Sends `req` on the lane's connection (opening it when needed) and waits for the
     /// response headers until `deadline`. A request the upstream provably did not process is
     /// sent once more: on a new connection when the old one was already closed or went away
@@ -215,33 +230,21 @@ impl Lane {
             let Some((id, send)) = found else {
                 return Ok(Sent::Http1(Request::from_parts(parts, body)));
             };
-            let ready = match tokio::time::timeout_at(deadline, send.ready()).await {
-                Ok(ready) => ready,
-                Err(_) => {
-                    self.forget(id);
-                    return Err(timed_out());
-                }
-            };
-            let mut send = match ready {
-                Ok(send) => send,
-                // Nothing was sent on a connection that is already gone.
-                Err(e) if !reconnected => {
-                    tracing::debug!(error = %e, "Upstream HTTP/2 connection gone; reconnecting");
-                    self.forget(id);
-                    reconnected = true;
-                    continue;
-                }
-                Err(e) => return Err(stream_error(&e)),
-            };
             // The copy is what a replay needs once the request is handed to h2.
             let mut head = Request::new(());
             *head.method_mut() = parts.method.clone();
             *head.uri_mut() = parts.uri.clone();
             *head.headers_mut() = parts.headers.clone();
-            let (response, mut stream) = match send.send_request(head, body.is_none()) {
-                Ok(sent) => sent,
+            let opened = self
+                .until(deadline, id, send.ready())
+                .await
+                .map_err(|()| timed_out())?
+                .and_then(|mut send| send.send_request(head, body.is_none()));
+            let (response, mut stream) = match opened {
+                Ok(opened) => opened,
+                // Nothing was sent: the connection is already gone or takes no new stream.
                 Err(e) if !reconnected => {
-                    tracing::debug!(error = %e, "Upstream HTTP/2 connection took no new stream; reconnecting");
+                    tracing::debug!(error = %e, "Upstream HTTP/2 connection unusable; reconnecting");
                     self.forget(id);
                     reconnected = true;
                     continue;
@@ -253,13 +256,10 @@ impl Lane {
                 // An error here means the stream is already reset: the response says why.
                 let _ = stream.send_data(b.clone(), true);
             }
-            let answer = match tokio::time::timeout_at(deadline, response).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    self.forget(id);
-                    return Err(timed_out());
-                }
-            };
+            let answer = self
+                .until(deadline, id, response)
+                .await
+                .map_err(|()| timed_out())?;
             match answer {
                 Ok(resp) => {
                     let len = resp
