@@ -339,22 +339,46 @@ impl TokenCache {
     /// A valid token for the slot. Returns at once while the current token is valid (a due
     /// refresh runs in the background); otherwise waits for the one sign-in in flight.
     pub async fn get(&self, slot: &Slot) -> Result<Arc<Token>, GatewayError> {
+        match self.valid(slot, Arc::clone) {
+            Some(token) => Ok(token),
+            None => self.sign_in(slot).await,
+        }
+    }
+
+    /// What a request injects: a valid token's header value, and its generation for
+    /// [`TokenCache::invalidate`]. As [`TokenCache::get`], but a valid token is read without
+    /// taking a reference to it: that count is shared by every worker, and a write per request
+    /// would move its cache line between their cores each time.
+    pub async fn header(&self, slot: &Slot) -> Result<(HeaderValue, u64), GatewayError> {
+        let take = |t: &Arc<Token>| (t.header.clone(), t.generation);
+        match self.valid(slot, take) {
+            Some(found) => Ok(found),
+            None => self.sign_in(slot).await.map(|t| take(&t)),
+        }
+    }
+
+    /// `take` of the slot's token while it is valid (waking the refresher when one is due).
+    fn valid<R>(&self, slot: &Slot, take: impl FnOnce(&Arc<Token>) -> R) -> Option<R> {
         let now = self.inner.clock.now_ms();
         // Idle eviction counts in minutes: a write a second keeps this line from bouncing
         // between the workers' cores on every request.
         if now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed)) >= LAST_USE_RESOLUTION_MS {
             slot.last_used_ms.store(now, Ordering::Relaxed);
         }
-        if let Some(token) = slot.current() {
-            match freshness(&token, now) {
-                Freshness::Fresh => return Ok(token),
-                Freshness::RefreshDue => {
-                    slot.wake.notify_one();
-                    return Ok(token);
-                }
-                Freshness::Expired => {}
+        let current = slot.current.load();
+        let token = current.as_ref()?;
+        match freshness(token, now) {
+            Freshness::Fresh => Some(take(token)),
+            Freshness::RefreshDue => {
+                slot.wake.notify_one();
+                Some(take(token))
             }
+            Freshness::Expired => None,
         }
+    }
+
+    /// Waits for the one sign-in in flight for the slot, starting it if none is.
+    async fn sign_in(&self, slot: &Slot) -> Result<Arc<Token>, GatewayError> {
         let mut flight = slot.flight.lock().await;
         self.inner.sign_in_locked(slot, &mut flight, false).await
     }
@@ -709,6 +733,28 @@ mod tests {
         cache.invalidate(&slot, t1.generation);
         assert_eq!(cache.get(&slot).await.expect("token").generation, 2);
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn header_is_the_current_tokens_value_and_generation_signing_in_when_none_is_valid() {
+        let (cache, fake, clock) = setup(100);
+        let slot = cache.slot(&app(), "");
+        let (h1, g1) = cache.header(&slot).await.expect("signed in");
+        assert_eq!((h1.to_str().expect("ascii"), g1), ("tok-0", 1));
+        assert!(h1.is_sensitive());
+        let (h2, g2) = cache.header(&slot).await.expect("cached");
+        assert_eq!((h2, g2), (h1.clone(), 1));
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+
+        cache.invalidate(&slot, g1);
+        let (h3, g3) = cache.header(&slot).await.expect("signed in again");
+        assert_eq!((h3.to_str().expect("ascii"), g3), ("tok-1", 2));
+
+        // Past its expiry margin the token is not handed out: the caller waits for a sign-in.
+        clock.advance_ms(96_000);
+        let (h4, g4) = cache.header(&slot).await.expect("signed in after expiry");
+        assert_eq!((h4.to_str().expect("ascii"), g4), ("tok-2", 3));
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
