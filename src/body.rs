@@ -52,6 +52,14 @@ impl ProxyBody {
             ProxyBody::Stream { .. } => None,
         }
     }
+
+    /// The flag a streamed body raises when it passes its cap (a buffered one cannot).
+    pub fn exceeded(&self) -> Option<Arc<AtomicBool>> {
+        match self {
+            ProxyBody::Full(_) => None,
+            ProxyBody::Stream { exceeded, .. } => Some(exceeded.clone()),
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -192,7 +200,6 @@ where
 /// Reads the client's body into memory when it fits `replay_limit`, so the request can be
 /// replayed; a larger (or larger-announced) body streams instead.
 pub async fn prepare(
-    exceeded: Arc<AtomicBool>,
     mut body: Incoming,
     replay_limit: usize,
     max: usize,
@@ -210,7 +217,7 @@ pub async fn prepare(
             rest: body,
             seen: 0,
             max: max as u64,
-            exceeded,
+            exceeded: Arc::default(),
         });
     }
     let mut first: Option<Bytes> = None;
@@ -244,7 +251,7 @@ pub async fn prepare(
                 prefix: Some(prefix),
                 rest: body,
                 max: max as u64,
-                exceeded,
+                exceeded: Arc::default(),
             });
         }
     }

@@ -366,7 +366,7 @@ impl Gateway {
     /// `conflicting_framing`: the connection sent Content-Length with Transfer-Encoding (see
     /// [`crate::framing`]); the request is refused.
     pub async fn handle(
-        self: Arc<Self>,
+        &self,
         req: Request<Incoming>,
         peer: SocketAddr,
         conflicting_framing: bool,
@@ -493,23 +493,27 @@ impl Gateway {
             "X-Meetgate-App names no configured app",
         ))?;
         ctx.app = Some(entry.app.clone());
+        // The app's default identity is borrowed: its slot's count is shared by every worker.
+        let named;
         let slot = match identity.user {
-            Some(user) if user != entry.app.user_id => self.tokens.slot(&entry.app, &user),
-            _ => entry.default_slot.clone(),
+            Some(user) if user != entry.app.user_id => {
+                named = self.tokens.slot(&entry.app, &user);
+                &named
+            }
+            _ => &entry.default_slot,
         };
         ctx.user = Some(slot.key.user.clone());
         let bucket_key = self.quota.key(op_id, &slot.key.app, &slot.key.user);
         let deadline = ctx.start + config.quota.max_wait;
 
-        let too_large = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let body = body::prepare(
-            too_large.clone(),
             body,
             config.limits.replay_body_bytes,
             config.limits.max_body_bytes,
         )
         .await?;
         let replay_body = body.replayable();
+        let too_large = body.exceeded();
 
         let path_and_query = parts
             .uri
@@ -529,7 +533,7 @@ impl Gateway {
             let admission = self.admit(&bucket_key, deadline, ctx).await?;
 
             let waited = Instant::now();
-            let token = self.tokens.get(&slot).await?;
+            let (token, generation) = self.tokens.header(slot).await?;
             ctx.token_wait += waited.elapsed();
 
             let (mut headers, body) = match next.take() {
@@ -542,7 +546,7 @@ impl Gateway {
                     _ => unreachable_replay()?,
                 },
             };
-            headers.insert(X_ACCESS_TOKEN, token.header().clone());
+            headers.insert(X_ACCESS_TOKEN, token);
             let mut req = Request::new(body);
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = uri.clone();
@@ -555,7 +559,11 @@ impl Gateway {
             ctx.upstream_time += sent.elapsed();
             let resp = match result {
                 // However the protocol reported the aborted stream, the cause was the body cap.
-                Err(_) if too_large.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(_)
+                    if too_large
+                        .as_ref()
+                        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) =>
+                {
                     return Err(GatewayError::BodyTooLarge {
                         limit: config.limits.max_body_bytes,
                     })
@@ -582,7 +590,7 @@ impl Gateway {
             let replayable = replay_body.is_some();
             if status == StatusCode::UNAUTHORIZED {
                 if error_code(&bytes) == Some(TOKEN_INVALID_CODE) {
-                    self.tokens.invalidate(&slot, token.generation);
+                    self.tokens.invalidate(slot, generation);
                     if replayable && !ctx.replayed_401 {
                         ctx.replayed_401 = true;
                         continue;

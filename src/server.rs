@@ -103,7 +103,9 @@ pub async fn serve(
         };
         let worker = workers.next();
         let upstream = worker.upstream().clone();
-        let gw = gateway.clone();
+        // Each request takes a reference to the connection's own handle: a reference to the
+        // gateway itself would write its count, which every worker shares, per request.
+        let gw = Arc::new(gateway.clone());
         // Raised by the connection's FramingWatch, read per request.
         let conflicting_framing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watch_flag = conflicting_framing.clone();
