@@ -71,7 +71,13 @@ pub struct Metrics {
     /// once. A family lookup takes the family's read lock, a write to a line every worker
     /// shares, and hashes the labels, on every call; these handles are the same series.
     per_op: Vec<OpHistograms>,
+    /// Per operation and status class: its series of `requests` for callers without client
+    /// authentication (`client="-"`), looked up once for the same reason.
+    per_op_anonymous: Vec<[OnceLock<Counter>; STATUS_CLASSES]>,
+    anonymous: Arc<str>,
 }
+
+const STATUS_CLASSES: usize = 5;
 
 /// Which of the per-operation request histograms.
 #[derive(Clone, Copy)]
@@ -193,6 +199,10 @@ impl Metrics {
             per_op: (0..crate::operations::OperationTable::global().len())
                 .map(|_| Default::default())
                 .collect(),
+            per_op_anonymous: (0..crate::operations::OperationTable::global().len())
+                .map(|_| Default::default())
+                .collect(),
+            anonymous: Arc::from("-"),
         }
     }
 
@@ -219,6 +229,39 @@ impl Metrics {
         }
     }
 
+    /// Counts an answered request of operation `name` (table operation `op` once classified)
+    /// with `status`, for the configured `client`, or `-` without client authentication.
+    pub fn count_request(
+        &self,
+        op: Option<crate::operations::OperationId>,
+        name: &'static str,
+        status: u16,
+        client: Option<&Arc<str>>,
+    ) {
+        let class = status_index(status);
+        let labels = |client: &Arc<str>| RequestLabels {
+            operation: name,
+            status_class: STATUS_CLASS_NAMES[class],
+            client: client.clone(),
+        };
+        match (
+            client,
+            op.and_then(|id| self.per_op_anonymous.get(id.index())),
+        ) {
+            (None, Some(slots)) => slots[class]
+                .get_or_init(|| {
+                    self.requests
+                        .get_or_create(&labels(&self.anonymous))
+                        .clone()
+                })
+                .inc(),
+            (client, _) => self
+                .requests
+                .get_or_create(&labels(client.unwrap_or(&self.anonymous)))
+                .inc(),
+        };
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
@@ -239,14 +282,20 @@ impl Metrics {
     }
 }
 
+const STATUS_CLASS_NAMES: [&str; STATUS_CLASSES] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 /// `2xx`, `4xx`, ... for a status code.
 pub fn status_class(status: u16) -> &'static str {
+    STATUS_CLASS_NAMES[status_index(status)]
+}
+
+fn status_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -271,5 +320,27 @@ mod tests {
             !text.contains("meetgate_queue_wait_seconds_count"),
             "no series before a first observation: {text}"
         );
+    }
+
+    /// Requests without client authentication count through a cached handle into the same
+    /// `client="-"` series a family lookup finds; a named client gets a series of its own.
+    #[test]
+    fn request_counts_by_status_class_and_client() {
+        let metrics = Metrics::new();
+        let id = OperationId::from_index(0);
+        let name = OperationTable::global().get(id).name;
+        metrics.count_request(Some(id), name, 200, None);
+        metrics.count_request(Some(id), name, 204, None);
+        metrics.count_request(None, name, 299, None);
+        metrics.count_request(Some(id), name, 503, None);
+        metrics.count_request(Some(id), name, 200, Some(&Arc::from("billing")));
+        let text = metrics.encode();
+        for series in [
+            format!("{{operation=\"{name}\",status_class=\"2xx\",client=\"-\"}} 3"),
+            format!("{{operation=\"{name}\",status_class=\"5xx\",client=\"-\"}} 1"),
+            format!("{{operation=\"{name}\",status_class=\"2xx\",client=\"billing\"}} 1"),
+        ] {
+            assert!(text.contains(&series), "{series} in {text}");
+        }
     }
 }

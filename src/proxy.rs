@@ -22,9 +22,7 @@ use crate::cluster::Cluster;
 use crate::config::{AppConfig, Config};
 use crate::error::{retry_after_secs, GatewayError};
 use crate::headers::{self, X_ACCESS_TOKEN, X_REQUEST_ID};
-use crate::metrics::{
-    status_class, AppLabels, Metrics, OpHistogram, OperationLabels, QuotaLabels, RequestLabels,
-};
+use crate::metrics::{AppLabels, Metrics, OpHistogram, OperationLabels, QuotaLabels};
 use crate::operations::{ClassifyError, OperationId, OperationKind, OperationTable};
 use crate::quota::{Admission, BucketKey, QuotaManager, Refused};
 use crate::sdk::{SdkAuth, SdkRequest};
@@ -76,7 +74,6 @@ pub struct Gateway {
     access: ArcSwap<AccessRules>,
     sdk: SdkAuth,
     metrics: Arc<Metrics>,
-    anonymous: Arc<str>,
     /// Requests handled at once; beyond `limits.max_concurrent_requests`, 503 at once.
     requests: Arc<Semaphore>,
     cluster: Option<Arc<Cluster>>,
@@ -100,8 +97,8 @@ struct RequestCtx {
     replayed_401: bool,
     upstream_429s: u32,
     quota_checked: bool,
-    /// Who called: a configured client's name, or `-` without client authentication.
-    client: Arc<str>,
+    /// Who called: a configured client's name; none without client authentication.
+    client: Option<Arc<str>>,
     /// The upstream's correlation and quota headers, in [`LOGGED_UPSTREAM_HEADERS`] order.
     upstream_headers: [Option<HeaderValue>; LOGGED_COUNT],
 }
@@ -166,7 +163,6 @@ impl Gateway {
             access: ArcSwap::from_pointee(AccessRules::new(&config_for_access)),
             sdk: SdkAuth::new(&config_for_access.sdk),
             metrics,
-            anonymous: Arc::from("-"),
             requests: Arc::new(Semaphore::new(
                 config_for_access.limits.max_concurrent_requests,
             )),
@@ -388,7 +384,7 @@ impl Gateway {
             replayed_401: false,
             upstream_429s: 0,
             quota_checked: false,
-            client: self.anonymous.clone(),
+            client: None,
             upstream_headers: Default::default(),
         };
         // Borrowed, not cloned: every worker shares these, and a clone is a write to the
@@ -481,7 +477,7 @@ impl Gateway {
         let caller =
             access.authenticate(&parts.headers, &self.sdk.sessions, self.tokens.now_ms())?;
         if let Some(client) = caller.client() {
-            ctx.client = client.name.clone();
+            ctx.client = Some(client.name.clone());
         }
         let identity = access.authorize(&caller, op.name, &parts.headers, default_user)?;
         let entry = if identity.app.is_empty() {
@@ -673,14 +669,12 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, total: Duration, status: StatusCo
     let op = OperationLabels {
         operation: ctx.operation,
     };
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            operation: ctx.operation,
-            status_class: status_class(status.as_u16()),
-            client: ctx.client.clone(),
-        })
-        .inc();
+    metrics.count_request(
+        ctx.op_id,
+        ctx.operation,
+        status.as_u16(),
+        ctx.client.as_ref(),
+    );
     let observe = |which, seconds| metrics.observe_op(ctx.op_id, ctx.operation, which, seconds);
     observe(OpHistogram::Request, total.as_secs_f64());
     if !ctx.upstream_time.is_zero() {
