@@ -101,13 +101,15 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 
 /// utime + stime in ticks (fields 14 and 15), all threads.
 fn cpu_ticks(pid: u32) -> u64 {
+    let (user, system) = user_system_ticks(pid);
+    user + system
+}
+
+/// utime and stime in ticks, all threads.
+fn user_system_ticks(pid: u32) -> (u64, u64) {
     stat_fields(pid)
-        .and_then(|f| {
-            let u: u64 = f.get(11)?.parse().ok()?;
-            let s: u64 = f.get(12)?.parse().ok()?;
-            Some(u + s)
-        })
-        .unwrap_or(0)
+        .and_then(|f| Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?)))
+        .unwrap_or((0, 0))
 }
 
 fn children_of(parent: u32) -> Vec<u32> {
@@ -262,8 +264,12 @@ impl Proxy {
         v
     }
 
-    fn cpu_ticks(&self) -> u64 {
-        self.pids().iter().map(|p| cpu_ticks(*p)).sum()
+    /// utime and stime of the process(es), in ticks.
+    fn user_system_ticks(&self) -> (u64, u64) {
+        self.pids()
+            .iter()
+            .map(|p| user_system_ticks(*p))
+            .fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps))
     }
 
     /// Access-log lines since the last call; truncates the file. Waits first until the file
@@ -736,6 +742,8 @@ struct RunStats {
     sent: u64,
     /// Proxy process(es) CPU per successful request; NaN for direct.
     cpu_us_per_req: f64,
+    /// The user-space part of it (utime); the rest is the kernel's work for the proxy.
+    user_us_per_req: f64,
     /// This bench process (load generator and simulator) CPU per request.
     gen_cpu_us_per_req: f64,
     /// Share of the host's CPU capacity used by processes outside this bench (the generator,
@@ -777,7 +785,7 @@ async fn load(
     }
     let pids = proxy.map(Proxy::pids).unwrap_or_default();
     let sampler = RssSampler::start(pids.clone());
-    let cpu0 = proxy.map_or(0, Proxy::cpu_ticks);
+    let cpu0 = proxy.map_or((0, 0), Proxy::user_system_ticks);
     let self0 = cpu_ticks(std::process::id());
     let ours0: u64 = ours.iter().map(|p| cpu_ticks(*p)).sum();
     let host0 = host_jiffies();
@@ -800,7 +808,7 @@ async fn load(
         sent += r.sent;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu1 = proxy.map_or(0, Proxy::cpu_ticks);
+    let cpu1 = proxy.map_or((0, 0), Proxy::user_system_ticks);
     let self1 = cpu_ticks(std::process::id());
     let ours1: u64 = ours.iter().map(|p| cpu_ticks(*p)).sum();
     let host1 = host_jiffies();
@@ -818,7 +826,12 @@ async fn load(
         error_kinds,
         sent,
         cpu_us_per_req: if proxy.is_some() {
-            per_req(cpu1 - cpu0)
+            per_req((cpu1.0 + cpu1.1) - (cpu0.0 + cpu0.1))
+        } else {
+            f64::NAN
+        },
+        user_us_per_req: if proxy.is_some() {
+            per_req(cpu1.0 - cpu0.0)
         } else {
             f64::NAN
         },
@@ -898,12 +911,13 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         if rounds == 1 { "" } else { "s" }
     );
     println!(
-        "{:<13} {:>24} {:>22} {:>22} {:>20} {:>7} {:>11} {:>11} {:>9}",
+        "{:<13} {:>24} {:>22} {:>22} {:>20} {:>8} {:>7} {:>11} {:>11} {:>9}",
         "target",
         "req/s",
         "p50 µs",
         "p99 µs",
         "proxy CPU µs/req",
+        "of it user",
         "errors",
         "peak RSS MiB",
         "gen CPU µs/req",
@@ -916,12 +930,16 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         let col = |f: fn(&RunStats) -> f64| runs.iter().map(f).collect::<Vec<_>>();
         let errors: u64 = runs.iter().map(|r| r.errors).sum();
         println!(
-            "{:<13} {:>24} {:>22} {:>22} {:>20} {:>7} {:>11.1} {:>14} {:>8.0}%",
+            "{:<13} {:>24} {:>22} {:>22} {:>20} {:>10} {:>7} {:>11.1} {:>14} {:>8.0}%",
             t,
             cell(&col(|r| r.rps), 0),
             cell(&col(|r| r.p50_us), 0),
             cell(&col(|r| r.p99_us), 0),
             cell(&col(|r| r.cpu_us_per_req), 1),
+            match median(col(|r| r.user_us_per_req)) {
+                u if u.is_nan() => "-".to_owned(),
+                u => format!("{u:.1}"),
+            },
             errors,
             mib(median(col(|r| r.peak_rss_kib as f64))),
             format!("{:.1}", median(col(|r| r.gen_cpu_us_per_req))),
@@ -937,12 +955,13 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
             continue;
         }
         println!(
-            "{:<18} {:>19} {:>22} {:>22} {:>20}",
+            "{:<18} {:>19} {:>22} {:>22} {:>20} {:>10}",
             format!("{mg}/nginx"),
             ratio(results, mg, NGINX, c, |r| r.rps),
             ratio(results, mg, NGINX, c, |r| r.p50_us),
             ratio(results, mg, NGINX, c, |r| r.p99_us),
             ratio(results, mg, NGINX, c, |r| r.cpu_us_per_req),
+            ratio(results, mg, NGINX, c, |r| r.user_us_per_req),
         );
     }
 }
