@@ -911,7 +911,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         if rounds == 1 { "" } else { "s" }
     );
     println!(
-        "{:<13} {:>24} {:>22} {:>22} {:>20} {:>8} {:>7} {:>11} {:>11} {:>9}",
+        "{:<13} {:>24} {:>22} {:>22} {:>20} {:>10} {:>7} {:>11} {:>11} {:>9}",
         "target",
         "req/s",
         "p50 µs",

@@ -138,7 +138,7 @@ struct Flight {
     last_error: Option<String>,
 }
 
-/// How stale a slot's recorded last use may be (see [`TokenCache::get`]).
+/// How stale a slot's recorded last use may be (see `TokenCache::valid`).
 const LAST_USE_RESOLUTION_MS: u64 = 1000;
 
 /// One token key's state.
@@ -146,7 +146,8 @@ pub struct Slot {
     pub key: TokenKey,
     // Swapped on reload when the app's credentials change.
     app: ArcSwap<AppConfig>,
-    // Read by every request on every worker: lock-free, so readers write no shared state.
+    // Read by every request on every worker: lock-free, and `TokenCache::header` reads it
+    // without taking a reference to the token.
     current: ArcSwapOption<Token>,
     // Held for the duration of a sign-in: this is what makes it one at a time per key.
     flight: tokio::sync::Mutex<Flight>,
@@ -347,8 +348,9 @@ impl TokenCache {
 
     /// What a request injects: a valid token's header value, and its generation for
     /// [`TokenCache::invalidate`]. As [`TokenCache::get`], but a valid token is read without
-    /// taking a reference to it: that count is shared by every worker, and a write per request
-    /// would move its cache line between their cores each time.
+    /// taking a reference to it: that count is shared by every worker, and each write moves its
+    /// cache line between their cores. (The header value's own count, shared too, is still
+    /// written once per request: the request's headers need a value of their own.)
     pub async fn header(&self, slot: &Slot) -> Result<(HeaderValue, u64), GatewayError> {
         let take = |t: &Arc<Token>| (t.header.clone(), t.generation);
         match self.valid(slot, take) {
