@@ -88,8 +88,10 @@ impl Node {
 
     // Depth-first with the literal child tried first, so a literal segment beats a template
     // anywhere in the path, and a template is still found when the literal branch dead-ends.
-    fn find<'p>(&self, mut segments: impl Iterator<Item = &'p str> + Clone) -> Option<OperationId> {
-        let Some(seg) = segments.next() else {
+    // The segments come split once, as a slice: backtracking then copies two words, not a
+    // string searcher's state.
+    fn find(&self, segments: &[&str]) -> Option<OperationId> {
+        let Some((seg, rest)) = segments.split_first() else {
             return self.op;
         };
         let literal = self
@@ -97,10 +99,10 @@ impl Node {
             .binary_search_by(|(k, _)| (*k).cmp(seg))
             .ok()
             .and_then(|i| self.literal.get(i));
-        if let Some(found) = literal.and_then(|(_, n)| n.find(segments.clone())) {
+        if let Some(found) = literal.and_then(|(_, n)| n.find(rest)) {
             return Some(found);
         }
-        self.param.as_ref().and_then(|n| n.find(segments))
+        self.param.as_ref().and_then(|n| n.find(rest))
     }
 }
 
@@ -207,11 +209,21 @@ impl OperationTable {
         if !self.families.iter().any(|f| path.starts_with(f.as_str())) {
             return Err(ClassifyError::Unknown);
         }
+        let mut split = [""; MAX_DEPTH];
+        let mut depth = 0;
+        for seg in segments(path) {
+            // Deeper than every template: no listed operation has this path.
+            let Some(slot) = split.get_mut(depth) else {
+                return Ok(self.unlisted);
+            };
+            *slot = seg;
+            depth += 1;
+        }
         let found = self
             .by_method
             .iter()
             .find(|(m, _)| m == method)
-            .and_then(|(_, tree)| tree.find(path.split('/').skip(1)));
+            .and_then(|(_, tree)| tree.find(&split[..depth]));
         Ok(found.unwrap_or(self.unlisted))
     }
 
@@ -245,21 +257,60 @@ impl OperationTable {
     }
 }
 
+/// Most segments in a template (the table's deepest has 8); a test holds the table to it.
+const MAX_DEPTH: usize = 16;
+
 /// Longest path the gateway accepts; the upstream's longest template is far shorter.
 pub const MAX_PATH_LEN: usize = 2048;
 
 /// A path is canonical when every reasonable server would route it the same way: no empty,
 /// `.` or `..` segment, no percent-encoded byte that decodes to a separator, a dot or a
 /// control character, no backslash, and no trailing slash.
+/// The segments after the first `/`, as `path.split('/').skip(1)` yields them, found by a plain
+/// byte scan: `str::split` with a char runs a general searcher per segment, which cost more
+/// per request than the whole tree look-up.
+fn segments(path: &str) -> Segments<'_> {
+    Segments {
+        path,
+        next: path.bytes().position(|b| b == b'/').map(|i| i + 1),
+    }
+}
+
+#[derive(Clone)]
+struct Segments<'a> {
+    path: &'a str,
+    /// Where the next segment starts; none after the last.
+    next: Option<usize>,
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let start = self.next?;
+        let rest = self.path.as_bytes().get(start..)?;
+        match rest.iter().position(|&b| b == b'/') {
+            Some(len) => {
+                self.next = Some(start + len + 1);
+                self.path.get(start..start + len)
+            }
+            None => {
+                self.next = None;
+                self.path.get(start..)
+            }
+        }
+    }
+}
+
 fn is_canonical(path: &str) -> bool {
     if path.len() > MAX_PATH_LEN || !path.starts_with('/') || path.len() < 2 || path.ends_with('/')
     {
         return false;
     }
-    if path.contains('\\') {
+    if path.as_bytes().contains(&b'\\') {
         return false;
     }
-    for seg in path.split('/').skip(1) {
+    for seg in segments(path) {
         if seg.is_empty() || seg == "." || seg == ".." {
             return false;
         }
@@ -310,6 +361,15 @@ mod tests {
             assert_eq!(t.get(got).path_template, op.path_template, "{}", op.name);
             assert_eq!(got, id, "{}", op.name);
         }
+    }
+
+    /// Deeper than the segment buffer: still inside a family, so unlisted, not an error.
+    #[test]
+    fn paths_deeper_than_any_template_are_unlisted() {
+        let deep = format!("/v1/mmc/management{}", "/x".repeat(MAX_DEPTH));
+        assert_eq!(name(Method::GET, &deep), Ok(UNLISTED));
+        let at_limit = format!("/v1/mmc{}", "/x".repeat(MAX_DEPTH - 2));
+        assert_eq!(name(Method::GET, &at_limit), Ok(UNLISTED));
     }
 
     #[test]
@@ -409,6 +469,13 @@ mod properties {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn segments_are_what_split_yields(path in "[/a-zé{}.%]{0,40}") {
+            let ours: Vec<&str> = segments(&path).collect();
+            let split: Vec<&str> = path.split('/').skip(1).collect();
+            prop_assert_eq!(ours, split);
+        }
 
         #[test]
         fn any_input_classifies_without_panicking(path in ".{0,300}", m in 0usize..5) {
