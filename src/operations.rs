@@ -203,27 +203,22 @@ impl OperationTable {
 
     /// Classifies a request by method and path (without the query).
     pub fn classify(&self, method: &Method, path: &str) -> Result<OperationId, ClassifyError> {
-        if !is_canonical(path) {
+        let mut split = [""; MAX_DEPTH];
+        let Some(depth) = canonical_segments(path, &mut split) else {
             return Err(ClassifyError::Ambiguous);
-        }
+        };
         if !self.families.iter().any(|f| path.starts_with(f.as_str())) {
             return Err(ClassifyError::Unknown);
         }
-        let mut split = [""; MAX_DEPTH];
-        let mut depth = 0;
-        for seg in segments(path) {
-            // Deeper than every template: no listed operation has this path.
-            let Some(slot) = split.get_mut(depth) else {
-                return Ok(self.unlisted);
-            };
-            *slot = seg;
-            depth += 1;
-        }
+        // Deeper than every template: no listed operation has this path.
+        let Some(segments) = split.get(..depth) else {
+            return Ok(self.unlisted);
+        };
         let found = self
             .by_method
             .iter()
             .find(|(m, _)| m == method)
-            .and_then(|(_, tree)| tree.find(&split[..depth]));
+            .and_then(|(_, tree)| tree.find(segments));
         Ok(found.unwrap_or(self.unlisted))
     }
 
@@ -263,9 +258,6 @@ const MAX_DEPTH: usize = 16;
 /// Longest path the gateway accepts; the upstream's longest template is far shorter.
 pub const MAX_PATH_LEN: usize = 2048;
 
-/// A path is canonical when every reasonable server would route it the same way: no empty,
-/// `.` or `..` segment, no percent-encoded byte that decodes to a separator, a dot or a
-/// control character, no backslash, and no trailing slash.
 /// The segments after the first `/`, as `path.split('/').skip(1)` yields them, found by a plain
 /// byte scan: `str::split` with a char runs a general searcher per segment, which cost more
 /// per request than the whole tree look-up.
@@ -302,35 +294,40 @@ impl<'a> Iterator for Segments<'a> {
     }
 }
 
-fn is_canonical(path: &str) -> bool {
+/// A path is canonical when every reasonable server would route it the same way: no empty,
+/// `.` or `..` segment, no percent-encoded byte that decodes to a separator, a dot or a
+/// control character, no backslash, and no trailing slash. Returns how many segments a
+/// canonical path has, the first of them written to `out` (one pass serves both).
+fn canonical_segments<'p>(path: &'p str, out: &mut [&'p str]) -> Option<usize> {
     if path.len() > MAX_PATH_LEN || !path.starts_with('/') || path.len() < 2 || path.ends_with('/')
     {
-        return false;
+        return None;
     }
     if path.as_bytes().contains(&b'\\') {
-        return false;
+        return None;
     }
+    let mut depth = 0;
     for seg in segments(path) {
         if seg.is_empty() || seg == "." || seg == ".." {
-            return false;
+            return None;
         }
+        if let Some(slot) = out.get_mut(depth) {
+            *slot = seg;
+        }
+        depth += 1;
     }
     let bytes = path.as_bytes();
     let mut i = 0;
     while let Some(pos) = bytes[i..].iter().position(|&b| b == b'%') {
         let at = i + pos;
-        let Some(hex) = bytes.get(at + 1..at + 3) else {
-            return false;
-        };
-        let Ok(decoded) = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16) else {
-            return false;
-        };
+        let hex = bytes.get(at + 1..at + 3)?;
+        let decoded = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16).ok()?;
         if matches!(decoded, b'/' | b'\\' | b'.' | b'%') || decoded < 0x20 || decoded == 0x7f {
-            return false;
+            return None;
         }
         i = at + 3;
     }
-    true
+    Some(depth)
 }
 
 #[cfg(test)]
