@@ -24,6 +24,33 @@ impl Clock for SystemClock {
     }
 }
 
+/// When something was last used, in milliseconds on some clock, as every request of every
+/// worker notes it: written at most once per [`LastUse::RESOLUTION_MS`], since a write per
+/// request would move its cache line between the cores each time. Idle eviction counts in
+/// minutes, so the lag is harmless.
+#[derive(Debug)]
+pub struct LastUse(AtomicU64);
+
+impl LastUse {
+    /// How stale the recorded time may be.
+    pub const RESOLUTION_MS: u64 = 1000;
+
+    pub fn new(now_ms: u64) -> LastUse {
+        LastUse(AtomicU64::new(now_ms))
+    }
+
+    /// Records a use at `now_ms` (read only, unless the record is a resolution old).
+    pub fn touch(&self, now_ms: u64) {
+        if now_ms.saturating_sub(self.get()) >= Self::RESOLUTION_MS {
+            self.0.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// A clock that moves only when told to.
 #[derive(Debug, Default)]
 pub struct FakeClock(AtomicU64);

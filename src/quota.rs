@@ -15,6 +15,7 @@ use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use http::HeaderMap;
 
+use crate::clock::LastUse;
 use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaMode, QuotaScope};
 use crate::headers::{X_APIG_RATELIMIT_ALLENV, X_APIG_RATELIMIT_API};
@@ -305,10 +306,8 @@ pub struct Bucket {
     waiting: AtomicUsize,
     in_flight: AtomicUsize,
     born: Instant,
-    /// Milliseconds after `born` of the last request, written at most once a second: every
-    /// request of every worker reads it, and a write per request would bounce its cache line
-    /// between cores. Idle eviction waits a whole window, so a second's lag is harmless.
-    last_used_ms: AtomicU64,
+    /// Milliseconds after `born` of the last request.
+    last_used: LastUse,
     /// Largest emission interval: the spacing between two paced requests at worst.
     slowest: Duration,
     margin: Duration,
@@ -461,18 +460,16 @@ impl Bucket {
             .collect()
     }
 
-    /// How long a request with `ahead` requests queued before it will likely wait.
     fn touch(&self, now: Instant) {
-        let ms = now.duration_since(self.born).as_millis() as u64;
-        if ms.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)) >= 1000 {
-            self.last_used_ms.store(ms, Ordering::Relaxed);
-        }
+        self.last_used
+            .touch(now.duration_since(self.born).as_millis() as u64);
     }
 
     fn last_used(&self) -> Instant {
-        self.born + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+        self.born + Duration::from_millis(self.last_used.get())
     }
 
+    /// How long a request with `ahead` requests queued before it will likely wait.
     fn estimate_wait(&self, ahead: u64, now: Instant) -> Duration {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut wait = state
@@ -722,7 +719,7 @@ impl QuotaManager {
             waiting: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             born: Instant::now(),
-            last_used_ms: AtomicU64::new(0),
+            last_used: LastUse::new(0),
             slowest,
             margin: cfg.safety_margin,
             shared_base: format!(

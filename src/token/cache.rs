@@ -14,7 +14,7 @@ use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, LastUse};
 use crate::config::{AppConfig, TokenConfig};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
@@ -138,9 +138,6 @@ struct Flight {
     last_error: Option<String>,
 }
 
-/// How stale a slot's recorded last use may be (see `TokenCache::valid`).
-const LAST_USE_RESOLUTION_MS: u64 = 1000;
-
 /// One token key's state.
 pub struct Slot {
     pub key: TokenKey,
@@ -153,7 +150,7 @@ pub struct Slot {
     flight: tokio::sync::Mutex<Flight>,
     wake: Arc<Notify>,
     generation: AtomicU64,
-    last_used_ms: AtomicU64,
+    last_used: LastUse,
 }
 
 impl Slot {
@@ -289,7 +286,7 @@ impl TokenCache {
             flight: tokio::sync::Mutex::new(Flight::default()),
             wake: Arc::new(Notify::new()),
             generation: AtomicU64::new(0),
-            last_used_ms: AtomicU64::new(self.inner.clock.now_ms()),
+            last_used: LastUse::new(self.inner.clock.now_ms()),
         });
         if slots.len() >= self.inner.cfg.max_identities {
             evict(&mut slots, self.inner.clock.now_ms(), &self.inner.cfg, true);
@@ -362,11 +359,7 @@ impl TokenCache {
     /// `take` of the slot's token while it is valid (waking the refresher when one is due).
     fn valid<R>(&self, slot: &Slot, take: impl FnOnce(&Arc<Token>) -> R) -> Option<R> {
         let now = self.inner.clock.now_ms();
-        // Idle eviction counts in minutes: a write a second keeps this line from bouncing
-        // between the workers' cores on every request.
-        if now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed)) >= LAST_USE_RESOLUTION_MS {
-            slot.last_used_ms.store(now, Ordering::Relaxed);
-        }
+        slot.last_used.touch(now);
         let current = slot.current.load();
         let token = current.as_ref()?;
         match freshness(token, now) {
@@ -514,16 +507,15 @@ fn evict(
 ) -> usize {
     let before = slots.len();
     // Last use is recorded to the second; never evict within that resolution.
-    let idle_ms = cfg.identity_idle.as_millis() as u64 + LAST_USE_RESOLUTION_MS;
+    let idle_ms = cfg.identity_idle.as_millis() as u64 + LastUse::RESOLUTION_MS;
     slots.retain(|_, s| {
-        Arc::strong_count(s) > 1
-            || now_ms.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) < idle_ms
+        Arc::strong_count(s) > 1 || now_ms.saturating_sub(s.last_used.get()) < idle_ms
     });
     if make_room && slots.len() >= cfg.max_identities {
         let mut unused: Vec<(u64, TokenKey)> = slots
             .iter()
             .filter(|(_, s)| Arc::strong_count(s) == 1)
-            .map(|(k, s)| (s.last_used_ms.load(Ordering::Relaxed), k.clone()))
+            .map(|(k, s)| (s.last_used.get(), k.clone()))
             .collect();
         unused.sort_by_key(|(t, _)| *t);
         let excess = slots.len() + 1 - cfg.max_identities;
