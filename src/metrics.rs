@@ -67,14 +67,19 @@ pub struct Metrics {
     pub ready: Gauge,
     pub cluster_degraded: Gauge,
     pub cluster_fallbacks: Gauge,
-    /// Per operation (by table index): its series of the three request histograms, looked up
-    /// once. A family lookup takes the family's read lock, a write to a line every worker
-    /// shares, and hashes the labels, on every call; these handles are the same series.
-    per_op: Vec<OpHistograms>,
-    /// Per operation and status class: its series of `requests` for callers without client
-    /// authentication (`client="-"`), looked up once for the same reason.
-    per_op_anonymous: Vec<[OnceLock<Counter>; STATUS_CLASSES]>,
+    /// Per operation (by table index): its series, each looked up once. A family lookup takes
+    /// the family's read lock, a write to a line every worker shares, and hashes the labels,
+    /// on every call; these handles are the same series.
+    per_op: Vec<OpSeries>,
     anonymous: Arc<str>,
+}
+
+#[derive(Default)]
+struct OpSeries {
+    /// The three request histograms, by [`OpHistogram`].
+    histograms: [OnceLock<Histogram>; 3],
+    /// `requests` by status class, for callers without client authentication (`client="-"`).
+    anonymous_requests: [OnceLock<Counter>; STATUS_CLASSES],
 }
 
 const STATUS_CLASSES: usize = 5;
@@ -86,8 +91,6 @@ pub enum OpHistogram {
     Upstream = 1,
     QueueWait = 2,
 }
-
-type OpHistograms = [OnceLock<Histogram>; 3];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -197,10 +200,7 @@ impl Metrics {
             waiting,
             ready,
             per_op: (0..crate::operations::OperationTable::global().len())
-                .map(|_| Default::default())
-                .collect(),
-            per_op_anonymous: (0..crate::operations::OperationTable::global().len())
-                .map(|_| Default::default())
+                .map(|_| OpSeries::default())
                 .collect(),
             anonymous: Arc::from("-"),
         }
@@ -222,7 +222,7 @@ impl Metrics {
         };
         let labels = || OperationLabels { operation: name };
         match op.and_then(|id| self.per_op.get(id.index())) {
-            Some(slots) => slots[which as usize]
+            Some(series) => series.histograms[which as usize]
                 .get_or_init(|| family.get_or_create(&labels()).clone())
                 .observe(seconds),
             None => family.get_or_create(&labels()).observe(seconds),
@@ -244,11 +244,8 @@ impl Metrics {
             status_class: STATUS_CLASS_NAMES[class],
             client: client.clone(),
         };
-        match (
-            client,
-            op.and_then(|id| self.per_op_anonymous.get(id.index())),
-        ) {
-            (None, Some(slots)) => slots[class]
+        match (client, op.and_then(|id| self.per_op.get(id.index()))) {
+            (None, Some(series)) => series.anonymous_requests[class]
                 .get_or_init(|| {
                     self.requests
                         .get_or_create(&labels(&self.anonymous))
