@@ -45,19 +45,20 @@ const WARMUP: Duration = Duration::from_secs(1);
 const NON_BINDING_QUOTA: &str = "[quota]\nenabled = true\nper_api_per_minute = 100000000\n\
      all_env_per_second = 100000000\nburst = 1000000\n";
 
-/// The meetgate processes to run, each with TOML appended to the common config (so each must
-/// bring its own `[quota]` table, and may bring a `[log]` table that replaces the default one). The first is the one compared with nginx; the others are
+/// The meetgate processes to run, each with TOML added to the common config: a `[quota]` or
+/// `[log]` table replaces the default one (`NON_BINDING_QUOTA`, text access log at INFO), a
+/// line starting with `upstream.` goes into the `[upstream]` section, and one starting with
+/// `top.` is a top-level key. The first is the one compared with nginx; the others are
 /// compared with it, which is how the cost of a layer is measured (on vs off). The token layer
 /// cannot be switched off by configuration; nginx, which injects a fixed token, stands for
 /// "no token layer".
 const LAYER_VARIANTS: &[(&str, &str)] = &[
-    ("meetgate", NON_BINDING_QUOTA),
+    ("meetgate", ""),
     ("mg-quota-off", "[quota]\nenabled = false\n"),
-    // HTTP/1.1 keep-alive to the upstream, as nginx does (`upstream.http2 = false`). A line
-    // starting with `upstream.` is placed in the `[upstream]` section.
-    // One worker thread instead of one per core (a line starting with `top.` is a top-level key).
-    ("mg-1worker", "top.workers = 1\n[quota]\nper_api_per_minute = 100000000\nall_env_per_second = 100000000\nburst = 1000000\n"),
-    ("mg-http1", "upstream.http2 = false\n[quota]\nper_api_per_minute = 100000000\nall_env_per_second = 100000000\nburst = 1000000\n"),
+    // One worker thread instead of one per core.
+    ("mg-1worker", "top.workers = 1\n"),
+    // HTTP/1.1 keep-alive to the upstream, as nginx does.
+    ("mg-http1", "upstream.http2 = false\n"),
 ];
 
 const NGINX: &str = "nginx";
@@ -371,32 +372,34 @@ fn meetgate_config(
 ) -> Result<(PathBuf, SocketAddr), String> {
     let port = free_port()?;
     let admin = free_port()?;
-    // A variant may bring its own `[log]` (e.g. `level = "warn"`: no access log).
+    // A variant may bring its own `[log]` (e.g. `level = "warn"`: no access log) and `[quota]`.
     let log = if extra.contains("[log]") {
         ""
     } else {
         "[log]\nformat = \"text\"\nlevel = \"info\"\n"
     };
-    let upstream_extra: String = extra
-        .lines()
-        .filter_map(|l| l.strip_prefix("upstream."))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let top_extra: String = extra
-        .lines()
-        .filter_map(|l| l.strip_prefix("top."))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let extra: String = extra
-        .lines()
-        .filter(|l| !l.starts_with("upstream.") && !l.starts_with("top."))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let quota = if extra.contains("[quota]") {
+        ""
+    } else {
+        NON_BINDING_QUOTA
+    };
+    // The lines with `prefix`, without it; `""` picks the lines with neither prefix.
+    let lines = |prefix: &str| -> String {
+        extra
+            .lines()
+            .filter_map(|l| match prefix {
+                "" => (!l.starts_with("upstream.") && !l.starts_with("top.")).then_some(l),
+                p => l.strip_prefix(p),
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let (top_extra, upstream_extra, extra) = (lines("top."), lines("upstream."), lines(""));
     let toml = format!(
         "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{top_extra}\n\
          [upstream]\nurl = \"{}\"\nca_file = {:?}\n{upstream_extra}\n\
          [[apps]]\nname = \"default\"\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n\n\
-         {log}\n{extra}",
+         {log}\n{quota}\n{extra}",
         sim.url(),
         ca_file.display().to_string(),
     );
