@@ -518,7 +518,9 @@ impl Gateway {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let uri = upstream.uri(path_and_query)?;
         headers::sanitize_request(&mut parts.headers);
-        parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+        parts
+            .headers
+            .insert(X_REQUEST_ID, headers::forwarded_request_id(&ctx.request_id));
         // A replay needs the headers again; keep a copy only when a replay is possible.
         let replay_headers = replay_body.as_ref().map(|_| parts.headers.clone());
 
