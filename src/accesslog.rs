@@ -269,10 +269,10 @@ fn push_ms(out: &mut Vec<u8>, d: Duration) {
 
 /// `"value"`, escaped as Rust's Debug for strings (what tracing writes for `&str` fields).
 fn debug_str(out: &mut Vec<u8>, value: &str) {
-    if value
-        .bytes()
-        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-    {
+    // A fold, not `all`: without the early exit the compiler checks 32 bytes at a time.
+    if value.bytes().fold(true, |plain, b| {
+        plain & (b' '..=b'~').contains(&b) & (b != b'"') & (b != b'\\')
+    }) {
         out.push(b'"');
         out.extend_from_slice(value.as_bytes());
         out.push(b'"');
