@@ -45,14 +45,6 @@ impl ProxyBody {
         ProxyBody::Full(None)
     }
 
-    /// A copy for a replay, when this body is buffered.
-    pub fn replayable(&self) -> Option<Bytes> {
-        match self {
-            ProxyBody::Full(b) => Some(b.clone().unwrap_or_default()),
-            ProxyBody::Stream { .. } => None,
-        }
-    }
-
     /// The flag a streamed body raises when it passes its cap (a buffered one cannot).
     pub fn exceeded(&self) -> Option<Arc<AtomicBool>> {
         match self {

@@ -423,7 +423,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
         upstream: &Upstream,
     ) -> Result<Response<ResponseBody>, GatewayError> {
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
         }
@@ -508,7 +508,6 @@ impl Gateway {
             config.limits.max_body_bytes,
         )
         .await?;
-        let replay_body = body.replayable();
         let too_large = body.exceeded();
 
         let path_and_query = parts
@@ -517,14 +516,17 @@ impl Gateway {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let uri = upstream.uri(path_and_query)?;
-        headers::sanitize_request(&mut parts.headers);
-        parts
-            .headers
-            .insert(X_REQUEST_ID, headers::forwarded_request_id(&ctx.request_id));
-        // A replay needs the headers again; keep a copy only when a replay is possible.
-        let replay_headers = replay_body.as_ref().map(|_| parts.headers.clone());
+        let mut headers = parts.headers;
+        headers::sanitize_request(&mut headers);
+        headers.insert(X_REQUEST_ID, headers::forwarded_request_id(&ctx.request_id));
+        // A buffered body is sent from here as often as a replay needs, its head lent to each
+        // send; a streamed one goes once, head and all.
+        let (buffered, mut streamed) = match body {
+            ProxyBody::Full(b) => (Some(b), None),
+            stream @ ProxyBody::Stream { .. } => (None, Some(stream)),
+        };
+        let replayable = buffered.is_some();
 
-        let mut next = Some((parts.headers, body));
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -533,27 +535,26 @@ impl Gateway {
             let waited = Instant::now();
             let (token, generation) = self.tokens.header(slot).await?;
             ctx.token_wait += waited.elapsed();
-
-            let (mut headers, body) = match next.take() {
-                Some(first) => first,
-                None => match (&replay_headers, &replay_body) {
-                    (Some(h), Some(b)) => (
-                        h.clone(),
-                        ProxyBody::Full((!b.is_empty()).then(|| b.clone())),
-                    ),
-                    _ => unreachable_replay()?,
-                },
-            };
             headers.insert(X_ACCESS_TOKEN, token);
-            let mut req = Request::new(body);
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = uri.clone();
-            // The upstream connection decides the protocol; HTTP/1.1 semantics either way.
-            *req.version_mut() = Version::HTTP_11;
-            *req.headers_mut() = headers;
 
             let sent = Instant::now();
-            let result = upstream.send(req).await;
+            let result = match (&buffered, streamed.take()) {
+                (Some(body), _) => {
+                    upstream
+                        .send_buffered(&parts.method, &uri, &mut headers, body.clone())
+                        .await
+                }
+                (None, Some(body)) => {
+                    let mut req = Request::new(body);
+                    *req.method_mut() = parts.method.clone();
+                    *req.uri_mut() = uri.clone();
+                    // The upstream connection decides the protocol; HTTP/1.1 semantics.
+                    *req.version_mut() = Version::HTTP_11;
+                    *req.headers_mut() = std::mem::take(&mut headers);
+                    upstream.send(req).await
+                }
+                (None, None) => return Err(unreachable_replay()),
+            };
             ctx.upstream_time += sent.elapsed();
             let resp = match result {
                 // However the protocol reported the aborted stream, the cause was the body cap.
@@ -585,7 +586,6 @@ impl Gateway {
             // to be sure, then replay when the body allows it.
             let (mut rparts, rbody) = resp.into_parts();
             let bytes = read_body(rbody, ERROR_BODY_LIMIT, upstream.request_timeout()).await?;
-            let replayable = replay_body.is_some();
             if status == StatusCode::UNAUTHORIZED {
                 if error_code(&bytes) == Some(TOKEN_INVALID_CODE) {
                     self.tokens.invalidate(slot, generation);
@@ -694,8 +694,8 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, total: Duration, status: StatusCo
 }
 
 // A replay is only attempted when both copies exist; this keeps the loop total without panics.
-fn unreachable_replay() -> Result<(HeaderMap, ProxyBody), GatewayError> {
-    Err(GatewayError::BadRequest("request cannot be replayed"))
+fn unreachable_replay() -> GatewayError {
+    GatewayError::BadRequest("request cannot be replayed")
 }
 
 /// The `error_code` of an upstream error body, when it has one.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -249,20 +249,58 @@ impl Upstream {
         &self,
         req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let (mut parts, body) = req.into_parts();
+        match body {
+            ProxyBody::Full(body) => {
+                self.send_buffered(&parts.method, &parts.uri, &mut parts.headers, body)
+                    .await
+            }
+            stream @ ProxyBody::Stream { .. } => {
+                let deadline = tokio::time::Instant::now() + self.request_timeout;
+                self.send_pooled(Request::from_parts(parts, stream), deadline)
+                    .await
+            }
+        }
+    }
+
+    /// Sends a buffered request whose head the caller keeps (for a replay): the headers are
+    /// copied once per send. Over HTTP/1.1 the caller's map is the one sent, and it gets the
+    /// equal copy back: hyper-util adds `Host` to what it sends, and the original has room
+    /// for it where a copy made to size would grow.
+    pub async fn send_buffered(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &mut HeaderMap,
+        body: Option<Bytes>,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
-        let req = match (&self.lane, req.body()) {
-            (Some(lane), ProxyBody::Full(_)) => {
-                let req = req.map(|b| match b {
-                    ProxyBody::Full(b) => b,
-                    ProxyBody::Stream { .. } => None,
-                });
-                match lane.send(req, deadline, self.request_timeout).await? {
+        let body = match &self.lane {
+            Some(lane) => {
+                match lane
+                    .send(method, uri, headers, body, deadline, self.request_timeout)
+                    .await?
+                {
                     Sent::H2(resp) => return Ok(resp.map(UpstreamBody::Right)),
-                    Sent::Http1(req) => req.map(ProxyBody::Full),
+                    Sent::Http1(body) => body,
                 }
             }
-            _ => req,
+            None => body,
         };
+        let mut req = Request::new(ProxyBody::Full(body));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri.clone();
+        let copy = headers.clone();
+        *req.headers_mut() = std::mem::replace(headers, copy);
+        self.send_pooled(req, deadline).await
+    }
+
+    /// Through hyper-util's pooled client (HTTP/1.1, or streamed bodies).
+    async fn send_pooled(
+        &self,
+        req: Request<ProxyBody>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         match tokio::time::timeout_at(deadline, self.client.request(req)).await {
             Err(_) => Err(GatewayError::UpstreamTimeout {
                 phase: Phase::ResponseHeaders,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
 use h2::{Reason, RecvStream};
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 
 use super::{connect_error, error_chain, TlsIo, UpstreamConnector};
@@ -48,8 +48,8 @@ enum State {
 /// Where [`Lane::send`] sent the request.
 pub(crate) enum Sent {
     H2(Response<H2Body>),
-    /// The upstream speaks HTTP/1.1 only: the request comes back unsent for the pooled client.
-    Http1(Request<Option<Bytes>>),
+    /// The upstream speaks HTTP/1.1 only: the body comes back unsent for the pooled client.
+    Http1(Option<Bytes>),
 }
 
 pub(crate) struct Lane {
@@ -203,7 +203,10 @@ impl Lane {
     /// without TCP knowing yet.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        req: Request<Option<Bytes>>,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Option<Bytes>,
         deadline: tokio::time::Instant,
         timeout: Duration,
     ) -> Result<Sent, GatewayError> {
@@ -211,16 +214,11 @@ impl Lane {
             phase: Phase::ResponseHeaders,
             after: timeout,
         };
-        let (mut parts, body) = req.into_parts();
         // hyper's clients announce a buffered length the same way: always when there is a
         // body, and as 0 for methods whose (empty) body means something.
         let len = body.as_ref().map_or(0, Bytes::len);
-        if len > 0 || !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE) {
-            parts
-                .headers
-                .entry(http::header::CONTENT_LENGTH)
-                .or_insert_with(|| HeaderValue::from(len));
-        }
+        let announce_length =
+            len > 0 || !matches!(*method, Method::GET | Method::HEAD | Method::DELETE);
         // One new connection for a request that found its connection gone, and one more send
         // for a stream the upstream did not process: separate budgets, as either can follow
         // the other (a GOAWAY, then a burst refused on the new connection).
@@ -231,13 +229,18 @@ impl Lane {
                 .await
                 .map_err(|_| timed_out())??;
             let Some((id, send)) = found else {
-                return Ok(Sent::Http1(Request::from_parts(parts, body)));
+                return Ok(Sent::Http1(body));
             };
-            // The copy is what a replay needs once the request is handed to h2.
+            // h2 takes the head; the caller's stays for a send again or a replay.
             let mut head = Request::new(());
-            *head.method_mut() = parts.method.clone();
-            *head.uri_mut() = parts.uri.clone();
-            *head.headers_mut() = parts.headers.clone();
+            *head.method_mut() = method.clone();
+            *head.uri_mut() = uri.clone();
+            *head.headers_mut() = headers.clone();
+            if announce_length {
+                head.headers_mut()
+                    .entry(http::header::CONTENT_LENGTH)
+                    .or_insert_with(|| HeaderValue::from(len));
+            }
             let opened = self
                 .until(deadline, id, send.ready())
                 .await
