@@ -95,9 +95,27 @@ fn clock_ticks() -> f64 {
 
 /// Fields after the `(comm)` of /proc/<pid>/stat: index 0 is field 3 (state).
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields_at(&format!("/proc/{pid}/stat"))
+}
+
+/// The fields after the command name of a `stat` file (a process's or a thread's).
+fn stat_fields_at(path: &str) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(path).ok()?;
     let rest = &s[s.rfind(')')? + 1..];
     Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The simulator thread's id, set once it runs: its CPU time is read apart from the
+/// generator's.
+static SIM_TID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// utime + stime of the simulator thread, in ticks; 0 if unknown.
+fn sim_cpu_ticks() -> u64 {
+    SIM_TID
+        .get()
+        .and_then(|tid| stat_fields_at(&format!("/proc/self/task/{tid}/stat")))
+        .and_then(|f| Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
+        .unwrap_or(0)
 }
 
 /// utime + stime in ticks (fields 14 and 15), all threads.
@@ -749,6 +767,8 @@ struct RunStats {
     user_us_per_req: f64,
     /// This bench process (load generator and simulator) CPU per request.
     gen_cpu_us_per_req: f64,
+    /// The simulator thread's part of it: the upstream's work for the target's requests.
+    sim_cpu_us_per_req: f64,
     /// Share of the host's CPU capacity used by processes outside this bench (the generator,
     /// the simulator and every proxy): nonzero means the figures are contaminated.
     others_pct: f64,
@@ -790,6 +810,7 @@ async fn load(
     let sampler = RssSampler::start(pids.clone());
     let cpu0 = proxy.map_or((0, 0), Proxy::user_system_ticks);
     let self0 = cpu_ticks(std::process::id());
+    let sim0 = sim_cpu_ticks();
     let ours0: u64 = ours.iter().map(|p| cpu_ticks(*p)).sum();
     let host0 = host_jiffies();
     let start = Instant::now();
@@ -813,6 +834,7 @@ async fn load(
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = proxy.map_or((0, 0), Proxy::user_system_ticks);
     let self1 = cpu_ticks(std::process::id());
+    let sim1 = sim_cpu_ticks();
     let ours1: u64 = ours.iter().map(|p| cpu_ticks(*p)).sum();
     let host1 = host_jiffies();
     let peak_rss_kib = sampler.finish();
@@ -839,6 +861,7 @@ async fn load(
             f64::NAN
         },
         gen_cpu_us_per_req: per_req(self1 - self0),
+        sim_cpu_us_per_req: per_req(sim1 - sim0),
         // /proc/stat counts in the same USER_HZ ticks as /proc/<pid>/stat.
         others_pct: 100.0 * (host1.0 - host0.0).saturating_sub(ours1 - ours0) as f64 / host_total,
         peak_rss_kib,
@@ -914,7 +937,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         if rounds == 1 { "" } else { "s" }
     );
     println!(
-        "{:<13} {:>24} {:>22} {:>22} {:>20} {:>10} {:>7} {:>11} {:>11} {:>9}",
+        "{:<13} {:>24} {:>22} {:>22} {:>20} {:>10} {:>7} {:>11} {:>11} {:>8} {:>9}",
         "target",
         "req/s",
         "p50 µs",
@@ -924,6 +947,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         "errors",
         "peak RSS MiB",
         "gen CPU µs/req",
+        "of it sim",
         "others CPU"
     );
     for t in targets {
@@ -933,7 +957,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         let col = |f: fn(&RunStats) -> f64| runs.iter().map(f).collect::<Vec<_>>();
         let errors: u64 = runs.iter().map(|r| r.errors).sum();
         println!(
-            "{:<13} {:>24} {:>22} {:>22} {:>20} {:>10} {:>7} {:>11.1} {:>14} {:>8.0}%",
+            "{:<13} {:>24} {:>22} {:>22} {:>20} {:>10} {:>7} {:>11.1} {:>14} {:>9} {:>8.0}%",
             t,
             cell(&col(|r| r.rps), 0),
             cell(&col(|r| r.p50_us), 0),
@@ -946,6 +970,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
             errors,
             mib(median(col(|r| r.peak_rss_kib as f64))),
             format!("{:.1}", median(col(|r| r.gen_cpu_us_per_req))),
+            format!("{:.1}", median(col(|r| r.sim_cpu_us_per_req))),
             median(col(|r| r.others_pct)),
         );
     }
@@ -1039,6 +1064,13 @@ impl SimThread {
         let thread = std::thread::Builder::new()
             .name("simulator".into())
             .spawn(move || {
+                // `/proc/thread-self` is `<pid>/task/<tid>`.
+                if let Some(tid) = std::fs::read_link("/proc/thread-self")
+                    .ok()
+                    .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+                {
+                    let _ = SIM_TID.set(tid);
+                }
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
