@@ -269,7 +269,7 @@ fn push_ms(out: &mut Vec<u8>, d: Duration) {
 
 /// `"value"`, escaped as Rust's Debug for strings (what tracing writes for `&str` fields).
 fn debug_str(out: &mut Vec<u8>, value: &str) {
-    // A fold, not `all`: without the early exit the compiler checks 32 bytes at a time.
+    // A fold, not `all`: without the early exit the compiler vectorises the check.
     if value.bytes().fold(true, |plain, b| {
         plain & (b' '..=b'~').contains(&b) & (b != b'"') & (b != b'\\')
     }) {

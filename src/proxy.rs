@@ -693,7 +693,7 @@ fn record(metrics: &Metrics, ctx: &RequestCtx, total: Duration, status: StatusCo
     }
 }
 
-// A replay is only attempted when both copies exist; this keeps the loop total without panics.
+// A streamed body goes once and is never replayed; this keeps the loop total without panics.
 fn unreachable_replay() -> GatewayError {
     GatewayError::BadRequest("request cannot be replayed")
 }

@@ -264,9 +264,10 @@ impl Upstream {
     }
 
     /// Sends a buffered request whose head the caller keeps (for a replay): the headers are
-    /// copied once per send. Over HTTP/1.1 the caller's map is the one sent, and it gets the
-    /// equal copy back: hyper-util adds `Host` to what it sends, and the original has room
-    /// for it where a copy made to size would grow.
+    /// copied for each HTTP/2 stream opened (once, unless the lane sends again). Over HTTP/1.1
+    /// the caller's map is the one sent, and it gets an equal copy back: hyper-util adds `Host`
+    /// to what it sends, and the original has room for it where a copy made to size would
+    /// grow.
     pub async fn send_buffered(
         &self,
         method: &Method,
@@ -275,23 +276,28 @@ impl Upstream {
         body: Option<Bytes>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
-        let body = match &self.lane {
+        let (body, offered_h2) = match &self.lane {
             Some(lane) => {
                 match lane
                     .send(method, uri, headers, body, deadline, self.request_timeout)
                     .await?
                 {
                     Sent::H2(resp) => return Ok(resp.map(UpstreamBody::Right)),
-                    Sent::Http1(body) => body,
+                    Sent::Http1(body) => (body, true),
                 }
             }
-            None => body,
+            None => (body, false),
         };
+        let copy = headers.clone();
+        let mut sent = std::mem::replace(headers, copy);
+        if offered_h2 {
+            // Announced as the lane announces it, whichever protocol the upstream chose.
+            lane::announce_length(method, body.as_ref(), &mut sent);
+        }
         let mut req = Request::new(ProxyBody::Full(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
-        let copy = headers.clone();
-        *req.headers_mut() = std::mem::replace(headers, copy);
+        *req.headers_mut() = sent;
         self.send_pooled(req, deadline).await
     }
 

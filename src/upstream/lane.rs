@@ -195,7 +195,7 @@ impl Lane {
         outcome.map_err(|_| ())
     }
 
-    /// Sends `req` on the lane's connection (opening it when needed) and waits for the
+    /// Sends the request on the lane's connection (opening it when needed) and waits for the
     /// response headers until `deadline`. A request the upstream provably did not process is
     /// sent once more: on a new connection when the old one was already closed or went away
     /// (GOAWAY), on the same one when only the stream was refused. A connection that leaves a
@@ -214,11 +214,6 @@ impl Lane {
             phase: Phase::ResponseHeaders,
             after: timeout,
         };
-        // hyper's clients announce a buffered length the same way: always when there is a
-        // body, and as 0 for methods whose (empty) body means something.
-        let len = body.as_ref().map_or(0, Bytes::len);
-        let announce_length =
-            len > 0 || !matches!(*method, Method::GET | Method::HEAD | Method::DELETE);
         // One new connection for a request that found its connection gone, and one more send
         // for a stream the upstream did not process: separate budgets, as either can follow
         // the other (a GOAWAY, then a burst refused on the new connection).
@@ -236,11 +231,7 @@ impl Lane {
             *head.method_mut() = method.clone();
             *head.uri_mut() = uri.clone();
             *head.headers_mut() = headers.clone();
-            if announce_length {
-                head.headers_mut()
-                    .entry(http::header::CONTENT_LENGTH)
-                    .or_insert_with(|| HeaderValue::from(len));
-            }
+            announce_length(method, body.as_ref(), head.headers_mut());
             let opened = self
                 .until(deadline, id, send.ready())
                 .await
@@ -286,6 +277,19 @@ impl Lane {
                 Err(e) => return Err(stream_error(&e)),
             }
         }
+    }
+}
+
+/// Adds `Content-Length` for a buffered body, unless the client sent one: always when there is
+/// a body, and as 0 for methods whose (empty) body means something, as hyper's HTTP/2 client
+/// does. (Its HTTP/1.1 client leaves an empty body unannounced, which some servers answer
+/// with 411.)
+pub(crate) fn announce_length(method: &Method, body: Option<&Bytes>, headers: &mut HeaderMap) {
+    let len = body.map_or(0, Bytes::len);
+    if len > 0 || !matches!(*method, Method::GET | Method::HEAD | Method::DELETE) {
+        headers
+            .entry(http::header::CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(len));
     }
 }
 

@@ -255,9 +255,22 @@ impl http_body::Body for Chunked {
 }
 
 #[tokio::test]
-async fn bodies_are_announced_with_their_length_over_http2() {
+async fn bodies_are_announced_with_their_length_over_either_protocol() {
     let sim = default_sim().await;
-    let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    announced_lengths(&sim, Version::HTTP_2).await;
+    // An upstream that declines HTTP/2 in ALPN gets the same announcement over HTTP/1.1.
+    let sim = start_sim(SimConfig {
+        apps: vec![sim_app()],
+        limits: SimLimits::unlimited(),
+        http2: false,
+        ..SimConfig::default()
+    })
+    .await;
+    announced_lengths(&sim, Version::HTTP_11).await;
+}
+
+async fn announced_lengths(sim: &simulator::SimHandle, version: Version) {
+    let gw = spawn_gateway(sim, GatewayOptions::default()).await;
     // Sent chunked: the gateway buffers it and announces its length upstream.
     let (a, b) = BODY.split_at(BODY.len() / 2);
     let body = Chunked([a, b].map(bytes::Bytes::from_static).into());
@@ -277,9 +290,9 @@ async fn bodies_are_announced_with_their_length_over_http2() {
         StatusCode::BAD_REQUEST,
         "the simulator wants a body"
     );
-    let seen = received(&sim, START);
+    let seen = received(sim, START);
     assert_eq!(seen.len(), 2);
-    assert!(seen.iter().all(|s| s.version == Version::HTTP_2));
+    assert!(seen.iter().all(|s| s.version == version));
     let len = BODY.len().to_string();
     assert_eq!(header(&seen[0], "content-length"), Some(len.as_str()));
     assert_eq!(header(&seen[1], "content-length"), Some("0"));
