@@ -55,15 +55,20 @@ async fn concurrent_requests_share_one_http2_connection_per_worker() {
     );
 }
 
-#[tokio::test]
-async fn an_upstream_that_speaks_only_http1_is_served_over_http1() {
-    let sim = start_sim(SimConfig {
+/// A simulator that offers only HTTP/1.1 in ALPN.
+async fn http1_only_sim() -> simulator::SimHandle {
+    start_sim(SimConfig {
         apps: vec![sim_app()],
         limits: SimLimits::unlimited(),
         http2: false,
         ..SimConfig::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn an_upstream_that_speaks_only_http1_is_served_over_http1() {
+    let sim = http1_only_sim().await;
     let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
     for _ in 0..3 {
         let r = gw.start_meeting().await;
@@ -259,13 +264,7 @@ async fn bodies_are_announced_with_their_length_over_either_protocol() {
     let sim = default_sim().await;
     announced_lengths(&sim, Version::HTTP_2).await;
     // An upstream that declines HTTP/2 in ALPN gets the same announcement over HTTP/1.1.
-    let sim = start_sim(SimConfig {
-        apps: vec![sim_app()],
-        limits: SimLimits::unlimited(),
-        http2: false,
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = http1_only_sim().await;
     announced_lengths(&sim, Version::HTTP_11).await;
 }
 
