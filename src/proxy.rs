@@ -569,10 +569,9 @@ impl Gateway {
                 }
                 other => other?,
             };
-            if let Some(a) = &admission {
+            if let Some(a) = admission {
                 self.quota.observe(a, resp.headers());
             }
-            drop(admission);
 
             let status = resp.status();
             if status != StatusCode::UNAUTHORIZED && status != StatusCode::TOO_MANY_REQUESTS {

@@ -295,6 +295,10 @@ struct BucketState {
     /// This replica's share of each limit while the shared store is unreachable.
     fallback: Vec<Limit>,
     hold_until: Option<Instant>,
+    /// Admitted requests not finished yet. Kept under the lock the admission and the
+    /// response's report take anyway: as an atomic of its own it was two more writes per
+    /// request to memory every worker shares.
+    in_flight: usize,
 }
 
 /// One bucket: the limits of one operation for one scope key (app, user or the gateway).
@@ -304,7 +308,6 @@ pub struct Bucket {
     gate: tokio::sync::Mutex<()>,
     state: Mutex<BucketState>,
     waiting: AtomicUsize,
-    in_flight: AtomicUsize,
     born: Instant,
     /// Milliseconds after `born` of the last request.
     last_used: LastUse,
@@ -430,6 +433,7 @@ impl Bucket {
 
     /// Books an admission into our own accounting (for the upstream counters and estimates).
     fn record(&self, state: &mut BucketState, now: Instant, spares: Option<[u32; 2]>) {
+        state.in_flight += 1;
         for (i, limit) in state.limits.iter_mut().enumerate() {
             limit.prune(now, self.margin);
             limit.recent.push(now);
@@ -488,11 +492,14 @@ impl Bucket {
     }
 }
 
-/// A slot was granted: the request may go upstream. Dropping it marks the request finished.
+/// A slot was granted: the request may go upstream. [`QuotaManager::observe`] or dropping it
+/// marks the request finished.
 pub struct Admission {
     bucket: Arc<Bucket>,
     /// Time spent waiting for the slot.
     pub waited: Duration,
+    /// Counted out of `in_flight` already (by `observe`).
+    finished: bool,
 }
 
 impl Admission {
@@ -503,7 +510,10 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.bucket.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.finished {
+            let mut state = self.bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
     }
 }
 
@@ -715,9 +725,9 @@ impl QuotaManager {
                 limits,
                 fallback: Vec::new(),
                 hold_until: None,
+                in_flight: 0,
             }),
             waiting: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
             born: Instant::now(),
             last_used: LastUse::new(0),
             slowest,
@@ -769,10 +779,10 @@ impl QuotaManager {
             && !self.shutting_down.load(Ordering::Relaxed)
             && bucket.try_admit(start).is_ok()
         {
-            bucket.in_flight.fetch_add(1, Ordering::Relaxed);
             return Ok(Admission {
                 bucket,
                 waited: Duration::ZERO,
+                finished: false,
             });
         }
         bucket.waiting.fetch_add(1, Ordering::Relaxed);
@@ -810,10 +820,10 @@ impl QuotaManager {
             };
             match verdict {
                 Ok(()) => {
-                    bucket.in_flight.fetch_add(1, Ordering::Relaxed);
                     return Ok(Admission {
                         bucket: bucket.clone(),
                         waited: now.duration_since(start),
+                        finished: false,
                     });
                 }
                 Err(wait) => {
@@ -866,25 +876,42 @@ impl QuotaManager {
     /// Reads the upstream's counters on a response and adjusts the bucket: a lower reported
     /// limit replaces ours (warned once); less left than our own traffic explains means someone
     /// else shares the quota, so the bucket may send at most what is left until the window ends.
-    pub fn observe(&self, admission: &Admission, headers: &HeaderMap) {
-        for (kind, name) in [
-            (LimitKind::PerApi, &X_APIG_RATELIMIT_API),
-            (LimitKind::AllEnv, &X_APIG_RATELIMIT_ALLENV),
-        ] {
-            let Some(report) = headers
+    /// The request is finished then (the bucket's lock is taken once for all of it).
+    pub fn observe(&self, mut admission: Admission, headers: &HeaderMap) {
+        let report = |name| {
+            headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_ratelimit)
-            else {
-                continue;
-            };
-            self.apply_report(&admission.bucket, kind, report);
+        };
+        let reports = [
+            (LimitKind::PerApi, report(&X_APIG_RATELIMIT_API)),
+            (LimitKind::AllEnv, report(&X_APIG_RATELIMIT_ALLENV)),
+        ];
+        let bucket = &admission.bucket;
+        let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+        if reports.iter().any(|(_, r)| r.is_some()) {
+            let now = Instant::now();
+            for (kind, report) in reports {
+                if let Some(report) = report {
+                    self.apply_report(bucket, &mut state, kind, report, now);
+                }
+            }
         }
+        state.in_flight = state.in_flight.saturating_sub(1);
+        drop(state);
+        admission.finished = true;
     }
 
-    fn apply_report(&self, bucket: &Bucket, kind: LimitKind, report: RateLimitReport) {
-        let now = Instant::now();
-        let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+    fn apply_report(
+        &self,
+        bucket: &Bucket,
+        state: &mut BucketState,
+        kind: LimitKind,
+        report: RateLimitReport,
+        now: Instant,
+    ) {
+        let in_flight = state.in_flight as u64;
         let Some(limit) = state.limits.iter_mut().find(|l| l.spec.kind == kind) else {
             return;
         };
@@ -923,7 +950,6 @@ impl QuotaManager {
         let ours = limit.recent.total();
         let expected = u64::from(limit.spec.limit.get()).saturating_sub(ours);
         if remain < expected {
-            let in_flight = bucket.in_flight.load(Ordering::Relaxed) as u64;
             let budget = Budget {
                 remain: remain.saturating_sub(in_flight.saturating_sub(1)),
                 until: now + limit.spec.window + margin,
@@ -1175,15 +1201,61 @@ mod tests {
         }
     }
 
+    /// A per-API report on `bucket`, as a response's headers bring it.
+    fn apply_per_api(mgr: &QuotaManager, bucket: &Bucket, report: RateLimitReport) {
+        let mut state = bucket.state.lock().expect("lock");
+        mgr.apply_report(
+            bucket,
+            &mut state,
+            LimitKind::PerApi,
+            report,
+            Instant::now(),
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_is_in_flight_until_its_report_is_read_or_it_is_dropped() {
+        let (mgr, bucket) = one_bucket(50, 60, 100, 1, 10);
+        let key = BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut admitted = Vec::new();
+        for _ in 0..3 {
+            admitted.push(mgr.acquire(&key, deadline).await.expect("admitted"));
+        }
+        let in_flight = || bucket.state.lock().expect("lock").in_flight;
+        assert_eq!(in_flight(), 3);
+        // 3 of 50 sent, the upstream says 40 left: someone else used 7. Of ours, the two
+        // still in flight may not be in its count yet, so the budget leaves room for them.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            X_APIG_RATELIMIT_API,
+            http::HeaderValue::from_static("remain:40,limit:50,time:1 minute"),
+        );
+        mgr.observe(admitted.remove(0), &headers);
+        assert_eq!(in_flight(), 2);
+        let state = bucket.state.lock().expect("lock");
+        let per_api = state.limits.iter().find(|l| l.spec.kind == LimitKind::PerApi);
+        assert_eq!(per_api.and_then(|l| l.budget).map(|b| b.remain), Some(38));
+        drop(state);
+        drop(admitted.remove(0));
+        assert_eq!(in_flight(), 1);
+        mgr.observe(admitted.remove(0), &HeaderMap::new());
+        assert_eq!(in_flight(), 0);
+    }
+
     #[test]
     fn a_shared_quota_limits_the_bucket_to_what_is_left() {
         let (mgr, bucket) = one_bucket(50, 60, 100, 1, 10);
         let now = Instant::now();
         assert!(bucket.try_admit(now).is_ok());
         // We sent 1 of 50; the upstream says only 2 are left: someone else used 47.
-        mgr.apply_report(
+        apply_per_api(
+            &mgr,
             &bucket,
-            LimitKind::PerApi,
             RateLimitReport {
                 remain: Some(2),
                 limit: Some(50),
@@ -1237,9 +1309,9 @@ mod tests {
                 l.recent.push(at);
             }
         }
-        mgr.apply_report(
+        apply_per_api(
+            &mgr,
             &bucket,
-            LimitKind::PerApi,
             RateLimitReport {
                 remain: Some(49),
                 limit: Some(50),
@@ -1272,9 +1344,9 @@ mod tests {
             assert!(bucket.try_admit(Instant::now()).is_ok());
         }
         // We used 4 of a burst of 10; the upstream says its limit is 5.
-        mgr.apply_report(
+        apply_per_api(
+            &mgr,
             &bucket,
-            LimitKind::PerApi,
             RateLimitReport {
                 remain: Some(1),
                 limit: Some(5),
