@@ -1238,7 +1238,10 @@ mod tests {
         mgr.observe(admitted.remove(0), &headers);
         assert_eq!(in_flight(), 2);
         let state = bucket.state.lock().expect("lock");
-        let per_api = state.limits.iter().find(|l| l.spec.kind == LimitKind::PerApi);
+        let per_api = state
+            .limits
+            .iter()
+            .find(|l| l.spec.kind == LimitKind::PerApi);
         assert_eq!(per_api.and_then(|l| l.budget).map(|b| b.remain), Some(38));
         drop(state);
         drop(admitted.remove(0));
