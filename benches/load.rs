@@ -98,7 +98,7 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     stat_fields_at(&format!("/proc/{pid}/stat"))
 }
 
-/// The fields after the command name of a `stat` file (a process's or a thread's).
+/// As [`stat_fields`], of any `stat` file (a process's or a thread's).
 fn stat_fields_at(path: &str) -> Option<Vec<String>> {
     let s = std::fs::read_to_string(path).ok()?;
     let rest = &s[s.rfind(')')? + 1..];
@@ -111,11 +111,11 @@ static SIM_TID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 /// utime + stime of the simulator thread, in ticks; 0 if unknown.
 fn sim_cpu_ticks() -> u64 {
-    SIM_TID
+    let (user, system) = SIM_TID
         .get()
-        .and_then(|tid| stat_fields_at(&format!("/proc/self/task/{tid}/stat")))
-        .and_then(|f| Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
-        .unwrap_or(0)
+        .map(|tid| user_system_ticks_at(&format!("/proc/self/task/{tid}/stat")))
+        .unwrap_or((0, 0));
+    user + system
 }
 
 /// utime + stime in ticks (fields 14 and 15), all threads.
@@ -126,7 +126,12 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// utime and stime in ticks, all threads.
 fn user_system_ticks(pid: u32) -> (u64, u64) {
-    stat_fields(pid)
+    user_system_ticks_at(&format!("/proc/{pid}/stat"))
+}
+
+/// utime and stime (fields 14 and 15) of any `stat` file; zeros if unreadable.
+fn user_system_ticks_at(path: &str) -> (u64, u64) {
+    stat_fields_at(path)
         .and_then(|f| Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?)))
         .unwrap_or((0, 0))
 }

@@ -890,12 +890,9 @@ impl QuotaManager {
         ];
         let bucket = &admission.bucket;
         let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
-        if reports.iter().any(|(_, r)| r.is_some()) {
-            let now = Instant::now();
-            for (kind, report) in reports {
-                if let Some(report) = report {
-                    self.apply_report(bucket, &mut state, kind, report, now);
-                }
+        for (kind, report) in reports {
+            if let Some(report) = report {
+                self.apply_report(bucket, &mut state, kind, report, Instant::now());
             }
         }
         state.in_flight = state.in_flight.saturating_sub(1);
