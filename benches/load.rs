@@ -5,7 +5,7 @@
 //! Environment: `LOAD_SECONDS` (per run, default 5), `LOAD_ROUNDS` (default 3),
 //! `LOAD_CONNS` (comma list, default `1,16,64`), `LOAD_VARIANTS` (comma list of the
 //! `LAYER_VARIANTS` to run besides `meetgate`; default all), `LOAD_NGINX` (`off`, or the nginx binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the
-//! configs and logs), `LOAD_PERF_OUT=FILE` (`perf record` meetgate, or the variant named by
+//! configs and logs), `LOAD_BARE=off` (skip the bare hyper forwarder), `LOAD_PERF_OUT=FILE` (`perf record` meetgate, or the variant named by
 //! `LOAD_PERF_TARGET`, in one extra, unreported run at 16 connections, or the first connection
 //! count given, after the rounds).
 
@@ -262,19 +262,12 @@ struct Proxy {
     name: String,
     addr: SocketAddr,
     guard: ChildGuard,
-    /// The file its access log goes to (opened O_APPEND by the writer, so truncating between
-    /// runs keeps the disk bounded).
-    access_log: PathBuf,
-    /// Substring that marks an access-log line in that file.
-    access_marker: &'static str,
-    /// Substring of an access-log line for a 200. Other access lines, and every other log
+    /// Its access log (the file is truncated between runs, which keeps the disk bounded: the
+    /// writer opened it O_APPEND). Lines other than 200 access lines, and every other log
     /// line, are kept in `<name>-kept.log` (the first ones) before the log is truncated.
-    ok_marker: &'static str,
+    log: LogFormat,
     /// Lines kept so far, and the first of them.
     kept: std::cell::RefCell<(usize, Option<String>)>,
-    /// The access-log fields with the proxy's own total and upstream times (with a leading
-    /// space, so `rt=` does not match `urt=`), and their unit in ms.
-    time_fields: (&'static str, &'static str, f64),
     startup: Duration,
     idle_rss_kib: u64,
 }
@@ -300,7 +293,7 @@ impl Proxy {
     /// stops growing: meetgate writes its log in batches (up to 10 ms late).
     fn take_access_lines(&self) -> LogView {
         const KEEP_AT_MOST: usize = 10_000;
-        let len = || std::fs::metadata(&self.access_log).map_or(0, |m| m.len());
+        let len = || std::fs::metadata(&self.log.path).map_or(0, |m| m.len());
         let deadline = Instant::now() + Duration::from_secs(2);
         let (mut last, mut still) = (len(), 0);
         while still < 3 && Instant::now() < deadline {
@@ -310,12 +303,12 @@ impl Proxy {
             last = now;
         }
         let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.access_log) {
+        if let Ok(mut f) = std::fs::File::open(&self.log.path) {
             let _ = f.read_to_string(&mut text);
         }
         let mut view = LogView::default();
         let mut kept = self.kept.borrow_mut();
-        let (total_key, upstream_key, unit) = self.time_fields;
+        let (total_key, upstream_key, unit) = self.log.time_fields;
         let field = |line: &str, key: &str| -> Option<f64> {
             let v = &line[line.find(key)? + key.len()..];
             let v = v.split([' ', ',']).next()?;
@@ -323,9 +316,9 @@ impl Proxy {
         };
         let mut out = String::new();
         for line in text.lines() {
-            let access = line.contains(self.access_marker);
+            let access = line.contains(self.log.marker);
             view.lines += usize::from(access);
-            let ok = access && line.contains(self.ok_marker);
+            let ok = access && line.contains(self.log.ok);
             if ok {
                 view.total_ms.extend(field(line, total_key));
                 view.upstream_ms.extend(field(line, upstream_key));
@@ -342,16 +335,14 @@ impl Proxy {
         }
         if !out.is_empty() {
             let path = self
-                .access_log
+                .log
+                .path
                 .with_file_name(format!("{}-kept.log", self.name));
             if let Ok(mut f) = append_file(&path) {
                 let _ = std::io::Write::write_all(&mut f, out.as_bytes());
             }
         }
-        if let Ok(f) = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.access_log)
-        {
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.log.path) {
             let _ = f.set_len(0);
         }
         view
@@ -439,6 +430,54 @@ fn append_file(path: &Path) -> Result<std::fs::File, String> {
         .map_err(|e| format!("open {}: {e}", path.display()))
 }
 
+/// How a proxy's access log is read: its file, the substring marking an access line, the one
+/// marking a 200, and the fields with its own total and upstream times (with a leading space,
+/// so `rt=` does not match `urt=`) and their unit in ms.
+struct LogFormat {
+    path: PathBuf,
+    marker: &'static str,
+    ok: &'static str,
+    time_fields: (&'static str, &'static str, f64),
+}
+
+/// Spawns `cmd` (its arguments and output already set) and waits until it answers.
+async fn spawn_proxy(
+    name: &str,
+    mut cmd: Command,
+    addr: SocketAddr,
+    graceful: bool,
+    log: LogFormat,
+) -> Result<Proxy, String> {
+    let spawned = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", cmd.get_program().to_string_lossy()))?;
+    let guard = ChildGuard {
+        name: name.to_owned(),
+        child,
+        graceful,
+    };
+    let startup = wait_ready(name, &plain(addr), spawned, &guard).await?;
+    let pid = guard.child.id();
+    let ready_ms = startup.as_secs_f64() * 1e3;
+    match children_of(pid).len() {
+        0 => println!("{name}: pid {pid} on {addr}, ready {ready_ms:.0} ms after spawn"),
+        n => println!(
+            "{name}: master pid {pid} + {n} workers on {addr}, ready {ready_ms:.0} ms after spawn"
+        ),
+    }
+    Ok(Proxy {
+        name: name.to_owned(),
+        addr,
+        guard,
+        log,
+        kept: Default::default(),
+        startup,
+        idle_rss_kib: 0,
+    })
+}
+
 async fn start_meetgate(
     name: &str,
     dir: &Path,
@@ -455,36 +494,20 @@ async fn start_meetgate(
     }
     let (config, addr) = meetgate_config(dir, sim, ca_file, extra)?;
     let log = dir.join(format!("{name}.log"));
-    let spawned = Instant::now();
-    let child = Command::new(bin)
-        .arg("run")
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
         .arg("--config")
         .arg(&config)
         .env(KEY_ENV, APP_KEY)
-        .stdin(Stdio::null())
         .stdout(append_file(&log)?)
-        .stderr(append_file(&dir.join(format!("{name}.stderr")))?)
-        .spawn()
-        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-    let guard = ChildGuard {
-        name: name.to_owned(),
-        child,
-        graceful: false,
-    };
-    let startup = wait_ready(name, &plain(addr), spawned, &guard).await?;
-    let proxy = Proxy {
-        name: name.to_owned(),
-        addr,
-        guard,
-        access_log: log,
-        access_marker: "meetgate::access",
-        ok_marker: " status=200 ",
+        .stderr(append_file(&dir.join(format!("{name}.stderr")))?);
+    let format = LogFormat {
+        path: log,
+        marker: "meetgate::access",
+        ok: " status=200 ",
         time_fields: (" total_ms=", " upstream_ms=", 1.0),
-        kept: Default::default(),
-        startup,
-        idle_rss_kib: 0,
     };
-    Ok(proxy)
+    spawn_proxy(name, cmd, addr, false, format).await
 }
 
 fn nginx_config(
@@ -570,38 +593,23 @@ async fn start_nginx(
         nginx_config(dir, port, sim.addr(), ca_file, token, workers),
     )
     .map_err(|e| format!("write {}: {e}", conf.display()))?;
-    let spawned = Instant::now();
     // -e: errors before the config is read must not go to /var/log/nginx.
-    let child = Command::new(&bin)
-        .arg("-p")
+    let mut cmd = Command::new(&bin);
+    cmd.arg("-p")
         .arg(dir)
         .arg("-e")
         .arg(dir.join("nginx-error.log"))
         .arg("-c")
         .arg(&conf)
-        .stdin(Stdio::null())
         .stdout(append_file(&dir.join("nginx.stdout"))?)
-        .stderr(append_file(&dir.join("nginx.stderr"))?)
-        .spawn()
-        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-    let guard = ChildGuard {
-        name: NGINX.into(),
-        child,
-        graceful: true,
-    };
-    let startup = wait_ready(NGINX, &plain(addr), spawned, &guard).await?;
-    Ok(Proxy {
-        name: NGINX.into(),
-        addr,
-        guard,
-        access_log: dir.join("nginx-access.log"),
-        access_marker: "upstream_request_id=",
-        ok_marker: "\" 200 ",
+        .stderr(append_file(&dir.join("nginx.stderr"))?);
+    let format = LogFormat {
+        path: dir.join("nginx-access.log"),
+        marker: "upstream_request_id=",
+        ok: "\" 200 ",
         time_fields: (" rt=", " urt=", 1000.0),
-        kept: Default::default(),
-        startup,
-        idle_rss_kib: 0,
-    })
+    };
+    spawn_proxy(NGINX, cmd, addr, true, format).await
 }
 
 /// `LOAD_NGINX`: `off`, or the binary to use; otherwise `nginx` from `PATH` or `/usr/sbin`.
@@ -982,9 +990,9 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
     if !results.contains_key(&(NGINX.to_owned(), c)) {
         return;
     }
-    // Every meetgate variant that ran, against nginx.
-    for (mg, _) in LAYER_VARIANTS {
-        if !results.contains_key(&((*mg).to_owned(), c)) {
+    // Every meetgate variant that ran, and the bare forwarder, against nginx.
+    for mg in LAYER_VARIANTS.iter().map(|v| v.0).chain([BARE]) {
+        if !results.contains_key(&(mg.to_owned(), c)) {
             continue;
         }
         println!(
@@ -1139,12 +1147,6 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
             continue;
         }
         let p = start_meetgate(name, dir, sim, &ca_file, extra).await?;
-        println!(
-            "{name}: pid {} on {}, ready {:.0} ms after spawn",
-            p.guard.child.id(),
-            p.addr,
-            p.startup.as_secs_f64() * 1e3
-        );
         proxies.push(p);
     }
     // Any token meetgate obtained is valid for 12 h; the simulator keeps 64 per user.
@@ -1159,15 +1161,14 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         ),
         Some(_) => {
             let p = start_nginx(dir, sim, &ca_file, &token, s.workers).await?;
-            println!(
-                "nginx: master pid {} + {} workers on {}, ready {:.0} ms after spawn",
-                p.guard.child.id(),
-                p.pids().len() - 1,
-                p.addr,
-                p.startup.as_secs_f64() * 1e3
-            );
             proxies.push(p);
         }
+    }
+    if std::env::var("LOAD_BARE").is_ok_and(|v| v == "off") {
+        println!("{BARE}: LOAD_BARE=off; skipped");
+    } else {
+        let p = start_bare(dir, sim, &ca_file, &token, s.workers).await?;
+        proxies.push(p);
     }
     // Idle RSS: after start-up and the one readiness request, before any load.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1260,6 +1261,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
 
     let mut targets: Vec<String> = LAYER_VARIANTS.iter().map(|v| v.0.to_owned()).collect();
     targets.push(NGINX.into());
+    targets.push(BARE.into());
     targets.push(DIRECT.into());
     println!(
         "\n# {} s per run, {} rounds, {} meetgate worker threads / nginx workers, {} cores; \
@@ -1355,7 +1357,8 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     }
     let mut names: Vec<_> = log_lines.keys().cloned().collect();
     names.sort();
-    for n in names {
+    // The bare forwarder keeps no access log.
+    for n in names.into_iter().filter(|n| n != BARE) {
         let (lines, sent) = log_lines[&n];
         let _ = writeln!(
             out,
@@ -1368,8 +1371,131 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// The issue's other reference: a bare hyper forwarder with no features (no quota, token cache,
+// access log, metrics or request id), run as `load bare-forwarder ...` in a process of its own.
+
+const BARE: &str = "hyper-bare";
+
+/// `load bare-forwarder LISTEN_PORT UPSTREAM_URL CA_FILE TOKEN WORKERS`: plain HTTP/1.1 in,
+/// each request sent on with the token over hyper-util's pooled HTTP/1.1 TLS client (as nginx
+/// sends it), the response streamed back. A work-stealing runtime, as a plain hyper program has.
+fn bare_forwarder(args: &[String]) -> ExitCode {
+    let [port, upstream, ca_file, token, workers] = args else {
+        eprintln!("usage: load bare-forwarder PORT UPSTREAM_URL CA_FILE TOKEN WORKERS");
+        return ExitCode::FAILURE;
+    };
+    let run = || -> Result<(), String> {
+        let pem = std::fs::read(ca_file).map_err(|e| format!("{ca_file}: {e}"))?;
+        let roots = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("CA PEM: {e}"))?;
+        let mut tls = meetgate::upstream::tls_config(&roots).map_err(|e| format!("TLS: {e}"))?;
+        // The connector sets ALPN from the protocols enabled below.
+        tls.alpn_protocols.clear();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        let client: BareClient =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https);
+        let token = http::HeaderValue::from_str(token).map_err(|e| format!("token: {e}"))?;
+        let upstream: http::Uri = upstream.parse().map_err(|e| format!("url: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.parse().map_err(|e| format!("workers: {e}"))?)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.parse().unwrap_or(0)))
+                .await
+                .map_err(|e| format!("bind: {e}"))?;
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let (client, token, upstream) = (client.clone(), token.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        bare_forward(client.clone(), token.clone(), upstream.clone(), req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        })
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bare forwarder: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BareClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    hyper::body::Incoming,
+>;
+
+async fn bare_forward(
+    client: BareClient,
+    token: http::HeaderValue,
+    upstream: http::Uri,
+    mut req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+    let mut uri = upstream.into_parts();
+    uri.path_and_query = req.uri().path_and_query().cloned();
+    if let Ok(uri) = http::Uri::from_parts(uri) {
+        *req.uri_mut() = uri;
+    }
+    // The client writes the upstream's own Host.
+    req.headers_mut().remove(http::header::HOST);
+    req.headers_mut().insert("x-access-token", token);
+    client.request(req).await
+}
+
+async fn start_bare(
+    dir: &Path,
+    sim: &SimHandle,
+    ca_file: &Path,
+    token: &str,
+    workers: usize,
+) -> Result<Proxy, String> {
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let log = dir.join("hyper-bare.log");
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("bare-forwarder")
+        .arg(port.to_string())
+        .arg(sim.url())
+        .arg(ca_file)
+        .arg(token)
+        .arg(workers.to_string())
+        .stdout(append_file(&log)?)
+        .stderr(append_file(&log)?);
+    // It logs nothing unless it fails: every line in its log is kept and reported.
+    let format = LogFormat {
+        path: log,
+        marker: "\0no access log",
+        ok: "\0",
+        time_fields: ("\0", "\0", 1.0),
+    };
+    spawn_proxy(BARE, cmd, addr, false, format).await
+}
+
 fn main() -> ExitCode {
     let began = Instant::now();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "bare-forwarder") {
+        return bare_forwarder(&args[1..]);
+    }
     // Cargo passes `--bench`; there is nothing else to parse.
     let workers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
     let conns: Vec<usize> = std::env::var("LOAD_CONNS")
