@@ -114,6 +114,7 @@ struct RawUpstream {
     request_timeout: Option<String>,
     body_timeout: Option<String>,
     http2: Option<bool>,
+    http1_for_single_client: Option<bool>,
     pool_idle_timeout: Option<String>,
     pool_max_idle_per_host: Option<usize>,
 }
@@ -240,6 +241,10 @@ pub struct UpstreamConfig {
     pub body_timeout: Duration,
     /// Offer HTTP/2 in ALPN (used when the upstream accepts it); HTTP/1.1 keep-alive otherwise.
     pub http2: bool,
+    /// With `http2`: while a worker serves a single HTTP/1.x client connection, which sends one
+    /// request at a time, its requests go over HTTP/1.1 keep-alive, which costs both ends less
+    /// per request than an HTTP/2 stream when there is nothing to multiplex.
+    pub http1_for_single_client: bool,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
 }
@@ -1398,6 +1403,7 @@ fn validate_upstream(c: &mut Checker, u: RawUpstream) -> UpstreamConfig {
         ),
         body_timeout: c.duration("upstream.body_timeout", u.body_timeout.as_deref(), "30s"),
         http2: u.http2.unwrap_or(true),
+        http1_for_single_client: u.http1_for_single_client.unwrap_or(true),
         pool_idle_timeout: c.duration(
             "upstream.pool_idle_timeout",
             u.pool_idle_timeout.as_deref(),
@@ -1535,6 +1541,7 @@ struct PrintedUpstream {
     request_timeout: String,
     body_timeout: String,
     http2: bool,
+    http1_for_single_client: bool,
     pool_idle_timeout: String,
     pool_max_idle_per_host: usize,
 }
@@ -1634,6 +1641,7 @@ impl Config {
                 request_timeout: dur(u.request_timeout),
                 body_timeout: dur(u.body_timeout),
                 http2: u.http2,
+                http1_for_single_client: u.http1_for_single_client,
                 pool_idle_timeout: dur(u.pool_idle_timeout),
                 pool_max_idle_per_host: u.pool_max_idle_per_host,
             },
@@ -2007,6 +2015,28 @@ mod tests {
             problems
                 .iter()
                 .any(|p| p.starts_with("workers = 0: must be at least 1")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn http1_for_a_single_client_is_on_by_default_and_can_be_turned_off() {
+        let c = load_str(MINIMAL, &env(&[("KEY1", "k")])).expect("valid");
+        assert!(c.upstream.http2 && c.upstream.http1_for_single_client);
+        let text = format!("[upstream]\nhttp1_for_single_client = false\n{MINIMAL}");
+        let c = load_str(&text, &env(&[("KEY1", "k")])).expect("valid");
+        assert!(!c.upstream.http1_for_single_client);
+        assert!(c
+            .to_redacted_toml()
+            .contains("http1_for_single_client = false"));
+        let text = format!("[upstream]\nhttp1_for_single_client = \"sometimes\"\n{MINIMAL}");
+        let problems = load_str(&text, &env(&[("KEY1", "k")]))
+            .expect_err("invalid")
+            .problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("http1_for_single_client")),
             "{problems:?}"
         );
     }

@@ -541,7 +541,13 @@ impl Gateway {
             let result = match (&buffered, streamed.take()) {
                 (Some(body), _) => {
                     upstream
-                        .send_buffered(&parts.method, &uri, &mut headers, body.clone())
+                        .send_buffered(
+                            &parts.method,
+                            &uri,
+                            &mut headers,
+                            body.clone(),
+                            parts.version < Version::HTTP_2,
+                        )
                         .await
                 }
                 (None, Some(body)) => {

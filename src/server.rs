@@ -103,6 +103,7 @@ pub async fn serve(
         };
         let worker = workers.next();
         let upstream = worker.upstream().clone();
+        let client = upstream.serve_client();
         // Each request takes a reference to the connection's own handle: a reference to the
         // gateway itself would write its count, which every worker shares, per request.
         let gw = Arc::new(gateway.clone());
@@ -120,6 +121,8 @@ pub async fn serve(
         let tls = tls.clone();
         worker.spawn(async move {
             let _permit = permit;
+            // Counted while served: how the worker's pool picks a protocol (`upstream`).
+            let _client = client;
             let stream = match tokio::net::TcpStream::from_std(stream) {
                 Ok(s) => s,
                 Err(e) => {

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -98,13 +99,20 @@ impl UpstreamConnector {
     }
 }
 
-/// The pooled client for the one configured upstream.
+/// The pooled client for the one configured upstream. A clone shares the pools.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<UpstreamConnector, ProxyBody>,
     /// The direct HTTP/2 lane, when `upstream.http2` offers HTTP/2.
     lane: Option<Arc<Lane>>,
+    /// HTTP/1.1 only (its connector offers nothing else in ALPN), for a single client
+    /// connection (`upstream.http1_for_single_client`): see [`Upstream::send_buffered`].
+    single: Option<Client<UpstreamConnector, ProxyBody>>,
+    /// Client connections served with this pool (a worker's), counted by [`ClientConnection`].
+    clients: Arc<AtomicUsize>,
     connector: UpstreamConnector,
+    /// The connector of `single`.
+    connector_h1: Option<UpstreamConnector>,
     pool: PoolSettings,
     scheme: Scheme,
     authority: Option<Authority>,
@@ -153,6 +161,15 @@ struct PoolSettings {
     http2: bool,
 }
 
+/// A client connection being served with a pool; counted while it lives.
+pub struct ClientConnection(Arc<AtomicUsize>);
+
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl PoolSettings {
     fn client(self, connector: UpstreamConnector) -> Client<UpstreamConnector, ProxyBody> {
         Client::builder(TokioExecutor::new())
@@ -192,6 +209,14 @@ impl Upstream {
             connect_timeout: cfg.connect_timeout,
             tls_timeout: cfg.tls_timeout,
         };
+        let connector_h1 = if cfg.http2 && cfg.http1_for_single_client {
+            Some(UpstreamConnector {
+                tls: TlsConnector::from(Arc::new(tls_config_with(&cfg.extra_roots, false)?)),
+                ..connector.clone()
+            })
+        } else {
+            None
+        };
         let pool = PoolSettings {
             idle_timeout: cfg.pool_idle_timeout,
             max_idle_per_host: cfg.pool_max_idle_per_host,
@@ -200,7 +225,10 @@ impl Upstream {
         Ok(Upstream {
             client: pool.client(connector.clone()),
             lane: pool.lane(&connector, &cfg.url),
+            single: connector_h1.clone().map(|c| pool.client(c)),
+            clients: Arc::default(),
             connector,
+            connector_h1,
             pool,
             scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
             authority: cfg.url.authority().cloned(),
@@ -214,12 +242,21 @@ impl Upstream {
         Upstream {
             client: self.pool.client(self.connector.clone()),
             lane: self.pool.lane(&self.connector, &self.target()),
+            single: self.connector_h1.clone().map(|c| self.pool.client(c)),
+            clients: Arc::default(),
             connector: self.connector.clone(),
+            connector_h1: self.connector_h1.clone(),
             pool: self.pool,
             scheme: self.scheme.clone(),
             authority: self.authority.clone(),
             request_timeout: self.request_timeout,
         }
+    }
+
+    /// Counts a client connection served with this pool until the result is dropped.
+    pub fn serve_client(&self) -> ClientConnection {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        ClientConnection(self.clients.clone())
     }
 
     /// The absolute URI of `path_and_query` on the upstream. Only ever the configured upstream:
@@ -252,12 +289,12 @@ impl Upstream {
         let (mut parts, body) = req.into_parts();
         match body {
             ProxyBody::Full(body) => {
-                self.send_buffered(&parts.method, &parts.uri, &mut parts.headers, body)
+                self.send_buffered(&parts.method, &parts.uri, &mut parts.headers, body, false)
                     .await
             }
             stream @ ProxyBody::Stream { .. } => {
                 let deadline = tokio::time::Instant::now() + self.request_timeout;
-                self.send_pooled(Request::from_parts(parts, stream), deadline)
+                self.send_pooled(&self.client, Request::from_parts(parts, stream), deadline)
                     .await
             }
         }
@@ -268,16 +305,30 @@ impl Upstream {
     /// the caller's map is the one sent, and it gets an equal copy back: hyper-util adds `Host`
     /// to what it sends, and the original has room for it where a copy made to size would
     /// grow.
+    ///
+    /// `one_at_a_time`: the request comes on an HTTP/1.x client connection. While that is the
+    /// only connection this pool serves (a worker with one client), it goes over HTTP/1.1 when
+    /// `upstream.http1_for_single_client` allows: with one request at a time HTTP/2 has nothing
+    /// to multiplex, and its framing and header compression cost both ends more per request.
     pub async fn send_buffered(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &mut HeaderMap,
         body: Option<Bytes>,
+        one_at_a_time: bool,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
-        let (body, offered_h2) = match &self.lane {
-            Some(lane) => {
+        let single = match &self.single {
+            Some(client) if one_at_a_time && self.clients.load(Ordering::Relaxed) == 1 => {
+                Some(client)
+            }
+            _ => None,
+        };
+        // Whether the request was meant for the lane: its length is announced as the lane
+        // announces it, whichever protocol carries it.
+        let (body, lane_rules) = match &self.lane {
+            Some(lane) if single.is_none() => {
                 match lane
                     .send(method, uri, headers, body, deadline, self.request_timeout)
                     .await?
@@ -286,28 +337,29 @@ impl Upstream {
                     Sent::Http1(body) => (body, true),
                 }
             }
-            None => (body, false),
+            _ => (body, single.is_some()),
         };
         let copy = headers.clone();
         let mut sent = std::mem::replace(headers, copy);
-        if offered_h2 {
-            // Announced as the lane announces it, whichever protocol the upstream chose.
+        if lane_rules {
             lane::announce_length(method, body.as_ref(), &mut sent);
         }
         let mut req = Request::new(ProxyBody::Full(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
         *req.headers_mut() = sent;
-        self.send_pooled(req, deadline).await
+        self.send_pooled(single.unwrap_or(&self.client), req, deadline)
+            .await
     }
 
-    /// Through hyper-util's pooled client (HTTP/1.1, or streamed bodies).
+    /// Through one of hyper-util's pooled clients (HTTP/1.1, or streamed bodies).
     async fn send_pooled(
         &self,
+        client: &Client<UpstreamConnector, ProxyBody>,
         req: Request<ProxyBody>,
         deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+        match tokio::time::timeout_at(deadline, client.request(req)).await {
             Err(_) => Err(GatewayError::UpstreamTimeout {
                 phase: Phase::ResponseHeaders,
                 after: self.request_timeout,

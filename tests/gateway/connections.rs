@@ -1,6 +1,6 @@
-//! Upstream connections: one multiplexed HTTP/2 connection per worker, HTTP/1.1 when the
-//! upstream only speaks that, a refused stream sent again, reconnection after the upstream
-//! restarts, and idle connections closed.
+//! Upstream connections: one multiplexed HTTP/2 connection per worker, HTTP/1.1 for a worker's
+//! single client connection and when the upstream only speaks that, a refused stream sent
+//! again, reconnection after the upstream restarts, and idle connections closed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +13,8 @@ use crate::support::*;
 
 const START: &str = "/v1/mmc/management/conferences/start";
 const BODY: &[u8] = br#"{"conferenceID":"914087436","password":"123456"}"#;
+/// HTTP/2 for every request, however many client connections a worker serves.
+const ALWAYS_H2: &str = "http1_for_single_client = false";
 
 /// Business requests the simulator saw: (connection, protocol) pairs.
 fn connections(sim: &simulator::SimHandle) -> Vec<(std::net::SocketAddr, Version)> {
@@ -30,6 +32,8 @@ async fn concurrent_requests_share_one_http2_connection_per_worker() {
             &sim,
             GatewayOptions {
                 top: "workers = 1".into(),
+                // The first connections accepted may each be alone for a moment.
+                upstream: ALWAYS_H2.into(),
                 ..Default::default()
             },
         )
@@ -53,6 +57,122 @@ async fn concurrent_requests_share_one_http2_connection_per_worker() {
         1,
         "one connection for the one worker: {peers:?}"
     );
+}
+
+/// A plain HTTP/1.1 connection of its own to the gateway.
+async fn client_connection(
+    gw: &TestGateway,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// Sends start_meeting on `conn` with `id` as its request id; the protocol the upstream saw.
+async fn protocol_seen(
+    sim: &simulator::SimHandle,
+    gw: &TestGateway,
+    conn: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    id: &str,
+) -> Version {
+    conn.ready().await.expect("connection ready");
+    // Origin-form, as a client connection sends it (the gateway refuses absolute-form).
+    let req = http::Request::post(START)
+        .header("x-request-id", id)
+        .header("content-type", "application/json")
+        .header("host", gw.addr.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(BODY)))
+        .expect("request");
+    let resp = conn.send_request(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen: Vec<_> = received(sim, START)
+        .into_iter()
+        .filter(|r| header(r, "x-request-id") == Some(id))
+        .map(|r| r.version)
+        .collect();
+    assert_eq!(seen.len(), 1, "{id}: {seen:?}");
+    seen[0]
+}
+
+#[tokio::test]
+async fn a_single_client_connection_goes_over_http1_and_more_share_http2() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            top: "workers = 1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut a = client_connection(&gw).await;
+    assert_eq!(
+        protocol_seen(&sim, &gw, &mut a, "a-alone").await,
+        Version::HTTP_11
+    );
+    assert_eq!(
+        protocol_seen(&sim, &gw, &mut a, "a-alone-2").await,
+        Version::HTTP_11
+    );
+    // A second connection on the same worker: both now share the HTTP/2 connection.
+    let mut b = client_connection(&gw).await;
+    assert_eq!(
+        protocol_seen(&sim, &gw, &mut b, "b-shared").await,
+        Version::HTTP_2
+    );
+    assert_eq!(
+        protocol_seen(&sim, &gw, &mut a, "a-shared").await,
+        Version::HTTP_2
+    );
+    // Once the gateway has seen the second one close, the first is alone again.
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("a-after-{n}");
+        if protocol_seen(&sim, &gw, &mut a, &id).await == Version::HTTP_11 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still HTTP/2 after {n} requests"
+        );
+        tokio::task::yield_now().await;
+    }
+    // The two connections shared one upstream HTTP/2 connection.
+    let peers: HashSet<_> = received(&sim, START)
+        .iter()
+        .filter(|r| r.version == Version::HTTP_2)
+        .map(|r| r.peer)
+        .collect();
+    assert_eq!(peers.len(), 1, "one HTTP/2 connection: {peers:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn with_http1_for_single_client_off_a_single_connection_uses_http2() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            top: "workers = 1".into(),
+            upstream: ALWAYS_H2.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut a = client_connection(&gw).await;
+    assert_eq!(
+        protocol_seen(&sim, &gw, &mut a, "alone").await,
+        Version::HTTP_2
+    );
+    gw.stop().await;
 }
 
 /// A simulator that offers only HTTP/1.1 in ALPN.
@@ -83,7 +203,14 @@ async fn an_upstream_that_speaks_only_http1_is_served_over_http1() {
 #[tokio::test]
 async fn a_stream_the_upstream_refused_is_sent_again_and_answered_once() {
     let sim = default_sim().await;
-    let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            upstream: ALWAYS_H2.into(),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
     sim.clear_requests();
     sim.inject(Fault::RefuseStream { count: 1 });
@@ -262,14 +389,25 @@ impl http_body::Body for Chunked {
 #[tokio::test]
 async fn bodies_are_announced_with_their_length_over_either_protocol() {
     let sim = default_sim().await;
-    announced_lengths(&sim, Version::HTTP_2).await;
-    // An upstream that declines HTTP/2 in ALPN gets the same announcement over HTTP/1.1.
+    announced_lengths(&sim, ALWAYS_H2, Version::HTTP_2).await;
+    // HTTP/1.1 for a single client connection, and for an upstream that declines HTTP/2 in
+    // ALPN: the same announcement.
+    let sim = default_sim().await;
+    announced_lengths(&sim, "", Version::HTTP_11).await;
     let sim = http1_only_sim().await;
-    announced_lengths(&sim, Version::HTTP_11).await;
+    announced_lengths(&sim, ALWAYS_H2, Version::HTTP_11).await;
 }
 
-async fn announced_lengths(sim: &simulator::SimHandle, version: Version) {
-    let gw = spawn_gateway(sim, GatewayOptions::default()).await;
+async fn announced_lengths(sim: &simulator::SimHandle, upstream: &str, version: Version) {
+    let gw = spawn_gateway(
+        sim,
+        GatewayOptions {
+            top: "workers = 1".into(),
+            upstream: upstream.into(),
+            ..Default::default()
+        },
+    )
+    .await;
     // Sent chunked: the gateway buffers it and announces its length upstream.
     let (a, b) = BODY.split_at(BODY.len() / 2);
     let body = Chunked([a, b].map(bytes::Bytes::from_static).into());

@@ -76,8 +76,9 @@ async fn two_hundred_concurrent_requests_after_revocation_sign_in_once() {
 
 #[tokio::test]
 async fn revoked_token_is_replaced_and_the_post_replayed_byte_identical() {
-    // The replay path keeps the request's head itself; over HTTP/1.1 it swaps in a copy.
-    for upstream in ["", "http2 = false"] {
+    // The replay path keeps the request's head itself; over HTTP/1.1 it swaps in a copy. Each
+    // way to HTTP/1.1: configured, or chosen for a single client connection.
+    for upstream in ["http1_for_single_client = false", "http2 = false", ""] {
         revoked_token_replay(upstream).await;
     }
 }
