@@ -59,6 +59,8 @@ const LAYER_VARIANTS: &[(&str, &str)] = &[
     ("mg-1worker", "top.workers = 1\n"),
     // HTTP/1.1 keep-alive to the upstream, as nginx does.
     ("mg-http1", "upstream.http2 = false\n"),
+    // HTTP/2 even for a worker's single client connection (the default before it had a rule).
+    ("mg-h2", "upstream.http1_for_single_client = false\n"),
 ];
 
 const NGINX: &str = "nginx";
@@ -1377,12 +1379,17 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
 
 const BARE: &str = "hyper-bare";
 
-/// `load bare-forwarder LISTEN_PORT UPSTREAM_URL CA_FILE TOKEN WORKERS`: plain HTTP/1.1 in,
+/// The bare forwarder reads the token from here, set only in its environment.
+const BARE_TOKEN_ENV: &str = "BENCH_BARE_TOKEN";
+
+/// `load bare-forwarder LISTEN_PORT UPSTREAM_URL CA_FILE WORKERS`: plain HTTP/1.1 in,
 /// each request sent on with the token over hyper-util's pooled HTTP/1.1 TLS client (as nginx
 /// sends it), the response streamed back. A work-stealing runtime, as a plain hyper program has.
 fn bare_forwarder(args: &[String]) -> ExitCode {
-    let [port, upstream, ca_file, token, workers] = args else {
-        eprintln!("usage: load bare-forwarder PORT UPSTREAM_URL CA_FILE TOKEN WORKERS");
+    let [port, upstream, ca_file, workers] = args else {
+        eprintln!(
+            "usage: {BARE_TOKEN_ENV}=... load bare-forwarder PORT UPSTREAM_URL CA_FILE WORKERS"
+        );
         return ExitCode::FAILURE;
     };
     let run = || -> Result<(), String> {
@@ -1401,7 +1408,10 @@ fn bare_forwarder(args: &[String]) -> ExitCode {
         let client: BareClient =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(https);
-        let token = http::HeaderValue::from_str(token).map_err(|e| format!("token: {e}"))?;
+        let token = std::env::var(BARE_TOKEN_ENV).map_err(|_| format!("{BARE_TOKEN_ENV} unset"))?;
+        let mut token = http::HeaderValue::from_str(&token).map_err(|e| format!("token: {e}"))?;
+        token.set_sensitive(true);
+        let port: u16 = port.parse().map_err(|e| format!("port {port:?}: {e}"))?;
         let upstream: http::Uri = upstream.parse().map_err(|e| format!("url: {e}"))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers.parse().map_err(|e| format!("workers: {e}"))?)
@@ -1409,12 +1419,18 @@ fn bare_forwarder(args: &[String]) -> ExitCode {
             .build()
             .map_err(|e| format!("runtime: {e}"))?;
         runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.parse().unwrap_or(0)))
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
                 .await
                 .map_err(|e| format!("bind: {e}"))?;
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
+                let tcp = match listener.accept().await {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of descriptors, say: wait rather than spin.
+                        eprintln!("bare forwarder: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
                 let (client, token, upstream) = (client.clone(), token.clone(), upstream.clone());
@@ -1476,8 +1492,8 @@ async fn start_bare(
         .arg(port.to_string())
         .arg(sim.url())
         .arg(ca_file)
-        .arg(token)
         .arg(workers.to_string())
+        .env(BARE_TOKEN_ENV, token)
         .stdout(append_file(&log)?)
         .stderr(append_file(&log)?);
     // It logs nothing unless it fails: every line in its log is kept and reported.

@@ -1,6 +1,6 @@
 //! The upstream HTTPS client: rustls with verified certificates, a direct HTTP/2 lane when ALPN
-//! agrees on h2 (`lane`), hyper-util's pooled client otherwise, a timeout per phase, and errors
-//! that name the phase.
+//! agrees on h2 (`lane`), hyper-util's pooled client otherwise, an HTTP/1.1-only pool for a
+//! worker's single client connection, a timeout per phase, and errors that name the phase.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -182,6 +182,10 @@ async fn h2c_clients_are_served() {
     let resp = client.request(req).await.expect("h2c answer");
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), StatusCode::OK);
+    // Alone on its worker, but it can multiplex: it keeps the upstream's HTTP/2.
+    let seen = received(&sim, START);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].version, http::Version::HTTP_2);
     gw.stop().await;
 }
 
@@ -192,7 +196,8 @@ async fn slow_upstream_gives_504_naming_the_phase_and_its_connection_is_left() {
         &sim,
         GatewayOptions {
             top: "workers = 1".into(),
-            upstream: "tls_timeout = \"2s\"".into(),
+            // The lane's handling of a stream left unanswered.
+            upstream: "tls_timeout = \"2s\"\nhttp1_for_single_client = false".into(),
             ..Default::default()
         },
     )

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::{Method, StatusCode, Version};
 use meetgate::simulator::{SimConfig, SimLimits};
 
 use crate::support::*;
@@ -78,12 +78,16 @@ async fn two_hundred_concurrent_requests_after_revocation_sign_in_once() {
 async fn revoked_token_is_replaced_and_the_post_replayed_byte_identical() {
     // The replay path keeps the request's head itself; over HTTP/1.1 it swaps in a copy. Each
     // way to HTTP/1.1: configured, or chosen for a single client connection.
-    for upstream in ["http1_for_single_client = false", "http2 = false", ""] {
-        revoked_token_replay(upstream).await;
+    for (upstream, version) in [
+        ("http1_for_single_client = false", Version::HTTP_2),
+        ("http2 = false", Version::HTTP_11),
+        ("", Version::HTTP_11),
+    ] {
+        revoked_token_replay(upstream, version).await;
     }
 }
 
-async fn revoked_token_replay(upstream: &str) {
+async fn revoked_token_replay(upstream: &str, version: Version) {
     let sim = default_sim().await;
     let gw = spawn_gateway(
         &sim,
@@ -117,6 +121,7 @@ async fn revoked_token_replay(upstream: &str) {
     assert_eq!(seen[1].status, 200);
     for s in &seen {
         assert_eq!(&s.body[..], body.as_bytes());
+        assert_eq!(s.version, version, "{upstream:?}");
     }
     assert_eq!(
         header(&seen[0], "x-request-id"),
