@@ -292,10 +292,8 @@ impl Gateway {
         if new.admin_listen != old.admin_listen {
             summary.needs_restart.push("admin_listen");
         }
-        if new.upstream.url != old.upstream.url
-            || new.upstream.ca_file != old.upstream.ca_file
-            || new.upstream.extra_roots != old.upstream.extra_roots
-        {
+        // The upstream clients (pools, TLS, protocols, timeouts) are built once, at start.
+        if new.upstream != old.upstream {
             summary.needs_restart.push("upstream");
         }
         if new.log.format != old.log.format || new.log.level != old.log.level {
@@ -779,6 +777,30 @@ mod tests {
         assert_eq!(request_id(&h), "client-id-1");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
         assert_eq!(request_id(&h).len(), 32);
+    }
+
+    #[tokio::test]
+    async fn any_upstream_change_is_reported_as_needing_a_restart() {
+        let text = "[upstream]\nurl = \"https://127.0.0.1:9\"\n[[apps]]\napp_id = \"a\"\napp_key = \"k\"\n";
+        let load = |extra: &str| {
+            crate::config::load_str(
+                &text.replace("[[apps]]", &format!("{extra}\n[[apps]]")),
+                &std::collections::HashMap::new(),
+            )
+            .expect("valid")
+        };
+        let gw =
+            Gateway::new(Arc::new(load("")), Arc::new(crate::clock::SystemClock)).expect("gateway");
+        assert!(gw.reload(load("")).needs_restart.is_empty());
+        for changed in [
+            "http2 = false",
+            "http1_for_single_client = false",
+            "request_timeout = \"7s\"",
+            "pool_idle_timeout = \"5s\"",
+        ] {
+            let summary = gw.reload(load(changed));
+            assert_eq!(summary.needs_restart, ["upstream"], "{changed}");
+        }
     }
 
     #[test]

@@ -222,35 +222,52 @@ impl Upstream {
             max_idle_per_host: cfg.pool_max_idle_per_host,
             http2: cfg.http2,
         };
-        Ok(Upstream {
-            client: pool.client(connector.clone()),
-            lane: pool.lane(&connector, &cfg.url),
-            single: connector_h1.clone().map(|c| pool.client(c)),
-            clients: Arc::default(),
+        Ok(Upstream::with_pools(
             connector,
             connector_h1,
             pool,
-            scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
-            authority: cfg.url.authority().cloned(),
-            request_timeout: cfg.request_timeout,
-        })
+            cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
+            cfg.url.authority().cloned(),
+            cfg.request_timeout,
+        ))
     }
 
     /// The same upstream with a pool of its own (for a worker), sharing the TLS configuration
     /// and connector already built.
     pub fn fresh_pool(&self) -> Upstream {
-        Upstream {
-            client: self.pool.client(self.connector.clone()),
-            lane: self.pool.lane(&self.connector, &self.target()),
-            single: self.connector_h1.clone().map(|c| self.pool.client(c)),
+        Upstream::with_pools(
+            self.connector.clone(),
+            self.connector_h1.clone(),
+            self.pool,
+            self.scheme.clone(),
+            self.authority.clone(),
+            self.request_timeout,
+        )
+    }
+
+    /// New, empty pools (and lane) over these connectors.
+    fn with_pools(
+        connector: UpstreamConnector,
+        connector_h1: Option<UpstreamConnector>,
+        pool: PoolSettings,
+        scheme: Scheme,
+        authority: Option<Authority>,
+        request_timeout: Duration,
+    ) -> Upstream {
+        let mut upstream = Upstream {
+            client: pool.client(connector.clone()),
+            lane: None,
+            single: connector_h1.clone().map(|c| pool.client(c)),
             clients: Arc::default(),
-            connector: self.connector.clone(),
-            connector_h1: self.connector_h1.clone(),
-            pool: self.pool,
-            scheme: self.scheme.clone(),
-            authority: self.authority.clone(),
-            request_timeout: self.request_timeout,
-        }
+            connector,
+            connector_h1,
+            pool,
+            scheme,
+            authority,
+            request_timeout,
+        };
+        upstream.lane = pool.lane(&upstream.connector, &upstream.target());
+        upstream
     }
 
     /// Counts a client connection served with this pool until the result is dropped.
