@@ -1,6 +1,7 @@
 //! The upstream HTTPS client: rustls with verified certificates, a direct HTTP/2 lane when ALPN
-//! agrees on h2 (`lane`), hyper-util's pooled client otherwise, an HTTP/1.1-only pool for a
-//! worker's single client connection, a timeout per phase, and errors that name the phase.
+//! agrees on h2 (`lane`), hyper-util's pooled client otherwise, a direct HTTP/1.1 connection for
+//! a worker's single client connection (`single`), a timeout per phase, and errors that name
+//! the phase.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,6 +27,7 @@ use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, Phase};
 
 mod lane;
+mod single;
 
 pub use lane::H2Body;
 use lane::{Lane, Sent};
@@ -106,8 +108,9 @@ pub struct Upstream {
     /// The direct HTTP/2 lane, when `upstream.http2` offers HTTP/2.
     lane: Option<Arc<Lane>>,
     /// HTTP/1.1 only (its connector offers nothing else in ALPN), for a single client
-    /// connection (`upstream.http1_for_single_client`): see [`Upstream::send_buffered`].
-    single: Option<Client<UpstreamConnector, ProxyBody>>,
+    /// connection (`upstream.http1_for_single_client`): see [`Upstream::send_buffered`]. The
+    /// direct connection first; the pool when that is busy.
+    single: Option<(Arc<single::Single>, Client<UpstreamConnector, ProxyBody>)>,
     /// Client connections served with this pool (a worker's), counted by [`ClientConnection`].
     clients: Arc<AtomicUsize>,
     connector: UpstreamConnector,
@@ -257,7 +260,7 @@ impl Upstream {
         let mut upstream = Upstream {
             client: pool.client(connector.clone()),
             lane: None,
-            single: connector_h1.clone().map(|c| pool.client(c)),
+            single: None,
             clients: Arc::default(),
             connector,
             connector_h1,
@@ -266,7 +269,12 @@ impl Upstream {
             authority,
             request_timeout,
         };
-        upstream.lane = pool.lane(&upstream.connector, &upstream.target());
+        let target = upstream.target();
+        upstream.lane = pool.lane(&upstream.connector, &target);
+        upstream.single = upstream.connector_h1.clone().map(|c| {
+            let direct = single::Single::new(c.clone(), target, pool.idle_timeout);
+            (Arc::new(direct), pool.client(c))
+        });
         upstream
     }
 
@@ -337,8 +345,8 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let single = match &self.single {
-            Some(client) if one_at_a_time && self.clients.load(Ordering::Relaxed) == 1 => {
-                Some(client)
+            Some(single) if one_at_a_time && self.clients.load(Ordering::Relaxed) == 1 => {
+                Some(single)
             }
             _ => None,
         };
@@ -365,8 +373,17 @@ impl Upstream {
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
         *req.headers_mut() = sent;
-        self.send_pooled(single.unwrap_or(&self.client), req, deadline)
-            .await
+        let client = match single {
+            Some((direct, pooled)) => {
+                match direct.send(req, deadline, self.request_timeout).await? {
+                    single::Sent::Answered(resp) => return Ok(resp.map(UpstreamBody::Left)),
+                    single::Sent::Busy(unsent) => req = unsent,
+                }
+                pooled
+            }
+            None => &self.client,
+        };
+        self.send_pooled(client, req, deadline).await
     }
 
     /// Through one of hyper-util's pooled clients (HTTP/1.1, or streamed bodies).

@@ -7,7 +7,7 @@
 //! the h2 crate can take the headers and the data at once and the connection task writes
 //! them, and those of every other request ready at that moment, in one go. Streamed (large)
 //! bodies and upstreams that answer ALPN with `http/1.1` stay with hyper-util's pooled client, and
-//! a worker's single client connection uses an HTTP/1.1 pool (`Upstream::send_buffered`).
+//! a worker's single client connection has an HTTP/1.1 connection of its own (`single`).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -132,6 +132,13 @@ async fn a_single_client_connection_goes_over_http1_and_more_share_http2() {
         protocol_seen(&sim, &gw, &mut a, "a-alone-2").await,
         Version::HTTP_11
     );
+    // Over one kept-alive upstream connection.
+    let alone: HashSet<_> = received(&sim, START)
+        .iter()
+        .filter(|r| header(r, "x-request-id").is_some_and(|id| id.starts_with("a-alone")))
+        .map(|r| r.peer)
+        .collect();
+    assert_eq!(alone.len(), 1, "{alone:?}");
     // Its lengths are announced as on the HTTP/2 lane: an empty POST says `content-length: 0`.
     let empty = sent_on(&sim, &gw, &mut a, "a-empty", b"", StatusCode::BAD_REQUEST).await;
     assert_eq!(empty.version, Version::HTTP_11);
@@ -310,8 +317,14 @@ async fn restartable(
 
 #[tokio::test]
 async fn after_the_upstream_restarts_requests_go_over_a_new_connection() {
-    // The lane's reconnection after GOAWAY: HTTP/2 even for the test's single connection.
-    let (first, gw, cert, dir) = restartable(ALWAYS_H2.into()).await;
+    // The HTTP/2 lane after GOAWAY, and the single client's HTTP/1.1 connection after a close.
+    for (upstream, version) in [(ALWAYS_H2, Version::HTTP_2), ("", Version::HTTP_11)] {
+        reconnects_after_a_restart(upstream, version).await;
+    }
+}
+
+async fn reconnects_after_a_restart(upstream: &str, version: Version) {
+    let (first, gw, cert, dir) = restartable(upstream.into()).await;
     let addr = first.addr();
     let before = connections(&first);
     // A graceful stop: GOAWAY on every connection, then they close.
@@ -325,6 +338,7 @@ async fn after_the_upstream_restarts_requests_go_over_a_new_connection() {
     // The first one was refused once more: the new upstream did not know the old token.
     let after = connections(&second);
     assert_eq!(after.len(), 4, "{after:?}");
+    assert!(after.iter().all(|(_, v)| *v == version), "{after:?}");
     let peers: HashSet<_> = after.iter().map(|(p, _)| *p).collect();
     assert_eq!(peers.len(), 1, "one new connection: {peers:?}");
     assert!(!peers.contains(&before[0].0));
@@ -333,11 +347,18 @@ async fn after_the_upstream_restarts_requests_go_over_a_new_connection() {
 
 #[tokio::test]
 async fn idle_upstream_connections_are_closed() {
+    // The HTTP/2 lane's connection, and the single client's HTTP/1.1 one.
+    for upstream in [ALWAYS_H2, ""] {
+        idle_connections_close(upstream).await;
+    }
+}
+
+async fn idle_connections_close(upstream: &str) {
     let sim = default_sim().await;
     let gw = spawn_gateway(
         &sim,
         GatewayOptions {
-            upstream: format!("pool_idle_timeout = \"200ms\"\n{ALWAYS_H2}"),
+            upstream: format!("pool_idle_timeout = \"200ms\"\n{upstream}"),
             ..Default::default()
         },
     )
