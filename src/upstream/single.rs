@@ -54,9 +54,7 @@ pub(crate) struct Single {
 
 impl Single {
     pub(crate) fn new(connector: UpstreamConnector, target: Uri, idle_timeout: Duration) -> Single {
-        let host = target
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let host = host_header(&target);
         Single {
             connector,
             target,
@@ -111,7 +109,8 @@ impl Single {
         let mut fresh = reused.is_none();
         let (mut send, mut id) = match reused {
             Some(conn) => conn,
-            None => tokio::time::timeout_at(deadline, self.connect())
+            // Boxed: the handshake's state would otherwise be part of every request's future.
+            None => tokio::time::timeout_at(deadline, Box::pin(self.connect()))
                 .await
                 .map_err(|_| timeout())??,
         };
@@ -131,7 +130,7 @@ impl Single {
                     Some(unsent) if !fresh => {
                         req = unsent;
                         fresh = true;
-                        (send, id) = tokio::time::timeout_at(deadline, self.connect())
+                        (send, id) = tokio::time::timeout_at(deadline, Box::pin(self.connect()))
                             .await
                             .map_err(|_| timeout())??;
                     }
@@ -173,6 +172,22 @@ impl Single {
     }
 }
 
+/// `Host` as hyper-util's pooled client (the fallback) writes it, so it does not change with
+/// the way a request takes: the host, and the port only when it is not the scheme's default.
+fn host_header(target: &Uri) -> Option<HeaderValue> {
+    let default_port = if target.scheme() == Some(&http::uri::Scheme::HTTP) {
+        80
+    } else {
+        443
+    };
+    let host = target.host()?;
+    let value = match target.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
 /// Sets the state when a send ends, however it ends (an error, the deadline, or the caller
 /// dropping the request): the connection goes back idle only after a complete response head.
 struct Done<'a>(&'a Single, State);
@@ -203,11 +218,28 @@ fn watch_idle(state: &Arc<Mutex<State>>, id: u64, idle: Duration) {
                     }
                     at = *since + idle;
                 }
-                // In use (perhaps this connection): look again later.
-                State::Busy => at = Instant::now() + idle,
+                // In use (perhaps this connection): look again a little later, so a connection
+                // freed meanwhile stays open not much longer than `idle`.
+                State::Busy => at = Instant::now() + idle / 4,
                 // Replaced or dropped.
                 _ => return,
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_written_as_the_pooled_client_writes_it() {
+        let host = |uri: &str| host_header(&uri.parse().expect("uri")).expect("host");
+        assert_eq!(host("https://api.example.com"), "api.example.com");
+        assert_eq!(host("https://api.example.com:443"), "api.example.com");
+        assert_eq!(host("https://127.0.0.1:8443"), "127.0.0.1:8443");
+        assert_eq!(host("http://h:80"), "h");
+        // Userinfo never reaches the header.
+        assert_eq!(host("https://user:pw@h:9443"), "h:9443");
+    }
 }

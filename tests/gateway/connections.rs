@@ -119,6 +119,8 @@ async fn a_single_client_connection_goes_over_http1_and_more_share_http2() {
         &sim,
         GatewayOptions {
             top: "workers = 1".into(),
+            // No idle pooled connections: only the direct one is kept alive.
+            upstream: "pool_max_idle_per_host = 0".into(),
             ..Default::default()
         },
     )
@@ -318,7 +320,12 @@ async fn restartable(
 #[tokio::test]
 async fn after_the_upstream_restarts_requests_go_over_a_new_connection() {
     // The HTTP/2 lane after GOAWAY, and the single client's HTTP/1.1 connection after a close.
-    for (upstream, version) in [(ALWAYS_H2, Version::HTTP_2), ("", Version::HTTP_11)] {
+    // No idle pooled connections: were the direct connection not used, each request would open
+    // one of its own.
+    for (upstream, version) in [
+        (ALWAYS_H2, Version::HTTP_2),
+        ("pool_max_idle_per_host = 0", Version::HTTP_11),
+    ] {
         reconnects_after_a_restart(upstream, version).await;
     }
 }
@@ -348,7 +355,7 @@ async fn reconnects_after_a_restart(upstream: &str, version: Version) {
 #[tokio::test]
 async fn idle_upstream_connections_are_closed() {
     // The HTTP/2 lane's connection, and the single client's HTTP/1.1 one.
-    for upstream in [ALWAYS_H2, ""] {
+    for upstream in [ALWAYS_H2, "pool_max_idle_per_host = 0"] {
         idle_connections_close(upstream).await;
     }
 }
