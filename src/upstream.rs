@@ -113,13 +113,51 @@ pub struct Upstream {
     single: Option<(Arc<single::Single>, Client<UpstreamConnector, ProxyBody>)>,
     /// Client connections served with this pool (a worker's), counted by [`ClientConnection`].
     clients: Arc<AtomicUsize>,
+    endpoint: Endpoint,
+}
+
+/// Where the upstream is and how to reach it: what every worker's pools are built from.
+#[derive(Clone)]
+struct Endpoint {
     connector: UpstreamConnector,
-    /// The connector of `single`.
+    /// Offers only HTTP/1.1 in ALPN: for `Upstream::single`, when configured.
     connector_h1: Option<UpstreamConnector>,
     pool: PoolSettings,
     scheme: Scheme,
     authority: Option<Authority>,
     request_timeout: Duration,
+}
+
+impl Endpoint {
+    /// New, empty pools (and lanes) to this endpoint.
+    fn pools(self) -> Upstream {
+        let target = self.target();
+        let pool = self.pool;
+        Upstream {
+            client: pool.client(self.connector.clone()),
+            lane: pool.lane(&self.connector, &target),
+            single: self.connector_h1.clone().map(|c| {
+                let direct = single::Single::new(c.clone(), target, pool.idle_timeout);
+                (Arc::new(direct), pool.client(c))
+            }),
+            clients: Arc::default(),
+            endpoint: self,
+        }
+    }
+
+    /// `path_and_query` on the upstream, built from parts already parsed.
+    fn uri(&self, path_and_query: PathAndQuery) -> Result<Uri, http::uri::InvalidUriParts> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = self.authority.clone();
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts)
+    }
+
+    /// Scheme and authority of the upstream.
+    fn target(&self) -> Uri {
+        self.uri(PathAndQuery::from_static("/")).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,57 +263,21 @@ impl Upstream {
             max_idle_per_host: cfg.pool_max_idle_per_host,
             http2: cfg.http2,
         };
-        Ok(Upstream::with_pools(
+        let endpoint = Endpoint {
             connector,
             connector_h1,
             pool,
-            cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
-            cfg.url.authority().cloned(),
-            cfg.request_timeout,
-        ))
+            scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
+            authority: cfg.url.authority().cloned(),
+            request_timeout: cfg.request_timeout,
+        };
+        Ok(endpoint.pools())
     }
 
     /// The same upstream with a pool of its own (for a worker), sharing the TLS configuration
     /// and connector already built.
     pub fn fresh_pool(&self) -> Upstream {
-        Upstream::with_pools(
-            self.connector.clone(),
-            self.connector_h1.clone(),
-            self.pool,
-            self.scheme.clone(),
-            self.authority.clone(),
-            self.request_timeout,
-        )
-    }
-
-    /// New, empty pools (and lane) over these connectors.
-    fn with_pools(
-        connector: UpstreamConnector,
-        connector_h1: Option<UpstreamConnector>,
-        pool: PoolSettings,
-        scheme: Scheme,
-        authority: Option<Authority>,
-        request_timeout: Duration,
-    ) -> Upstream {
-        let mut upstream = Upstream {
-            client: pool.client(connector.clone()),
-            lane: None,
-            single: None,
-            clients: Arc::default(),
-            connector,
-            connector_h1,
-            pool,
-            scheme,
-            authority,
-            request_timeout,
-        };
-        let target = upstream.target();
-        upstream.lane = pool.lane(&upstream.connector, &target);
-        upstream.single = upstream.connector_h1.clone().map(|c| {
-            let direct = single::Single::new(c.clone(), target, pool.idle_timeout);
-            (Arc::new(direct), pool.client(c))
-        });
-        upstream
+        self.endpoint.clone().pools()
     }
 
     /// Counts a client connection served with this pool until the result is dropped.
@@ -288,21 +290,9 @@ impl Upstream {
     /// what the client put in `Host` or an absolute-form URI plays no part.
     /// Built from parts already parsed, so no string is copied or parsed again per request.
     pub fn uri(&self, path_and_query: PathAndQuery) -> Result<Uri, GatewayError> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = self.authority.clone();
-        parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts)
+        self.endpoint
+            .uri(path_and_query)
             .map_err(|_| GatewayError::BadRequest("the request target is not a valid URI"))
-    }
-
-    /// Scheme and authority of the upstream.
-    fn target(&self) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = self.authority.clone();
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
-        Uri::from_parts(parts).unwrap_or_default()
     }
 
     /// Sends a request and waits for the response headers under `request_timeout` (which
@@ -318,7 +308,7 @@ impl Upstream {
                     .await
             }
             stream @ ProxyBody::Stream { .. } => {
-                let deadline = tokio::time::Instant::now() + self.request_timeout;
+                let deadline = tokio::time::Instant::now() + self.endpoint.request_timeout;
                 self.send_pooled(&self.client, Request::from_parts(parts, stream), deadline)
                     .await
             }
@@ -343,7 +333,7 @@ impl Upstream {
         body: Option<Bytes>,
         one_at_a_time: bool,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let deadline = tokio::time::Instant::now() + self.endpoint.request_timeout;
         let single = match &self.single {
             Some(single) if one_at_a_time && self.clients.load(Ordering::Relaxed) == 1 => {
                 Some(single)
@@ -355,7 +345,14 @@ impl Upstream {
         let (body, lane_rules) = match &self.lane {
             Some(lane) if single.is_none() => {
                 match lane
-                    .send(method, uri, headers, body, deadline, self.request_timeout)
+                    .send(
+                        method,
+                        uri,
+                        headers,
+                        body,
+                        deadline,
+                        self.endpoint.request_timeout,
+                    )
                     .await?
                 {
                     Sent::H2(resp) => return Ok(resp.map(UpstreamBody::Right)),
@@ -375,7 +372,10 @@ impl Upstream {
         *req.headers_mut() = sent;
         let client = match single {
             Some((direct, pooled)) => {
-                match direct.send(req, deadline, self.request_timeout).await? {
+                match direct
+                    .send(req, deadline, self.endpoint.request_timeout)
+                    .await?
+                {
                     single::Sent::Answered(resp) => return Ok(resp.map(UpstreamBody::Left)),
                     single::Sent::Busy(unsent) => req = unsent,
                 }
@@ -396,7 +396,7 @@ impl Upstream {
         match tokio::time::timeout_at(deadline, client.request(req)).await {
             Err(_) => Err(GatewayError::UpstreamTimeout {
                 phase: Phase::ResponseHeaders,
-                after: self.request_timeout,
+                after: self.endpoint.request_timeout,
             }),
             Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::Left)),
             Ok(Err(e)) => Err(classify(&e)),
@@ -404,7 +404,7 @@ impl Upstream {
     }
 
     pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
+        self.endpoint.request_timeout
     }
 }
 

@@ -107,14 +107,15 @@ impl Single {
             after: request_timeout,
         };
         let mut fresh = reused.is_none();
-        let (mut send, mut id) = match reused {
-            Some(conn) => conn,
-            // Boxed: the handshake's state would otherwise be part of every request's future.
-            None => tokio::time::timeout_at(deadline, Box::pin(self.connect()))
-                .await
-                .map_err(|_| timeout())??,
-        };
+        let mut conn = reused;
         loop {
+            let (mut send, id) = match conn.take() {
+                Some(conn) => conn,
+                // Boxed: the handshake's state would otherwise be part of every request's future.
+                None => tokio::time::timeout_at(deadline, Box::pin(self.connect()))
+                    .await
+                    .map_err(|_| timeout())??,
+            };
             match tokio::time::timeout_at(deadline, send.try_send_request(req)).await {
                 Err(_) => return Err(timeout()),
                 Ok(Ok(resp)) => {
@@ -126,13 +127,11 @@ impl Single {
                     return Ok(Sent::Answered(resp));
                 }
                 Ok(Err(mut e)) => match e.take_message() {
-                    // Never written: a kept-alive connection the upstream had closed.
+                    // Never written: a kept-alive connection the upstream had closed. Once more,
+                    // on a new one.
                     Some(unsent) if !fresh => {
                         req = unsent;
                         fresh = true;
-                        (send, id) = tokio::time::timeout_at(deadline, Box::pin(self.connect()))
-                            .await
-                            .map_err(|_| timeout())??;
                     }
                     _ => {
                         return Err(GatewayError::UpstreamUnreachable {
