@@ -4,10 +4,12 @@
 //!
 //! Environment: `LOAD_SECONDS` (per run, default 5), `LOAD_ROUNDS` (default 3),
 //! `LOAD_CONNS` (comma list, default `1,16,64`), `LOAD_VARIANTS` (comma list of the
-//! `LAYER_VARIANTS` to run besides `meetgate`; default all), `LOAD_NGINX` (`off`, or the nginx binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the
-//! configs and logs), `LOAD_BARE=off` (skip the bare hyper forwarder), `LOAD_PERF_OUT=FILE` (`perf record` meetgate, or the variant named by
-//! `LOAD_PERF_TARGET`, in one extra, unreported run at 16 connections, or the first connection
-//! count given, after the rounds).
+//! `LAYER_VARIANTS` to run besides `meetgate`; default all), `LOAD_NGINX` (`off`, or the nginx
+//! binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the configs and logs), `LOAD_BARE=off`
+//! (skip the bare hyper forwarder), `LOAD_BASELINE=BINARY` (also run another meetgate build,
+//! e.g. the last commit's, as `mg-baseline`), `LOAD_PERF_OUT=FILE` (`perf record` meetgate, or
+//! the variant named by `LOAD_PERF_TARGET`, in one extra, unreported run at 16 connections, or
+//! the first connection count given, after the rounds).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -62,6 +64,20 @@ const LAYER_VARIANTS: &[(&str, &str)] = &[
     // HTTP/2 even for a worker's single client connection (the default before it had a rule).
     ("mg-h2", "upstream.http1_for_single_client = false\n"),
 ];
+
+/// `LOAD_BASELINE=BINARY`: also runs that meetgate build (another commit's), as this variant,
+/// with the default configuration: an A/B comparison in the same run.
+const BASELINE: &str = "mg-baseline";
+const BASELINE_ENV: &str = "LOAD_BASELINE";
+
+/// The meetgate variants of this run: the layer variants, and the baseline build if given.
+fn meetgate_targets() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = LAYER_VARIANTS.iter().map(|v| v.0).collect();
+    if std::env::var_os(BASELINE_ENV).is_some() {
+        names.push(BASELINE);
+    }
+    names
+}
 
 const NGINX: &str = "nginx";
 const DIRECT: &str = "direct";
@@ -487,7 +503,12 @@ async fn start_meetgate(
     ca_file: &Path,
     extra: &str,
 ) -> Result<Proxy, String> {
-    let bin = Path::new(env!("CARGO_BIN_EXE_meetgate"));
+    let built = Path::new(env!("CARGO_BIN_EXE_meetgate"));
+    let baseline = std::env::var_os(BASELINE_ENV).map(PathBuf::from);
+    let bin = match &baseline {
+        Some(b) if name == BASELINE => b.as_path(),
+        _ => built,
+    };
     if !bin.exists() {
         return Err(format!(
             "{} is missing; `cargo bench --bench load` builds it (or run `cargo build --release`)",
@@ -993,7 +1014,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         return;
     }
     // Every meetgate variant that ran, and the bare forwarder, against nginx.
-    for mg in LAYER_VARIANTS.iter().map(|v| v.0).chain([BARE]) {
+    for mg in meetgate_targets().into_iter().chain([BARE]) {
         if !results.contains_key(&(mg.to_owned(), c)) {
             continue;
         }
@@ -1151,6 +1172,9 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         let p = start_meetgate(name, dir, sim, &ca_file, extra).await?;
         proxies.push(p);
     }
+    if std::env::var_os(BASELINE_ENV).is_some() {
+        proxies.push(start_meetgate(BASELINE, dir, sim, &ca_file, "").await?);
+    }
     // Any token meetgate obtained is valid for 12 h; the simulator keeps 64 per user.
     let token = sim
         .issued_tokens()
@@ -1261,7 +1285,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         );
     }
 
-    let mut targets: Vec<String> = LAYER_VARIANTS.iter().map(|v| v.0.to_owned()).collect();
+    let mut targets: Vec<String> = meetgate_targets().into_iter().map(str::to_owned).collect();
     targets.push(NGINX.into());
     targets.push(BARE.into());
     targets.push(DIRECT.into());
@@ -1323,7 +1347,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         }
     }
     let base = LAYER_VARIANTS[0].0;
-    for (name, _) in LAYER_VARIANTS.iter().skip(1) {
+    for name in meetgate_targets().into_iter().skip(1) {
         for &c in &s.conns {
             let _ = writeln!(
                 out,

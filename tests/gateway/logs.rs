@@ -50,6 +50,14 @@ async fn one_json_line_per_request_with_upstream_ids() {
         .expect("request");
     let missing = client.request(req).await.expect("answer");
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    // An HTTP/2 client's request (a stream, served as a task of its own) gets its line too.
+    let h2c: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let over_h2 = post_start(&h2c, &addr, Some("rid-log-h2")).await;
+    assert_eq!(over_h2.version(), http::Version::HTTP_2);
+    assert_eq!(over_h2.status(), StatusCode::OK);
     // SIGTERM: the gateway drains and exits, flushing its log.
     gateway.signal("TERM");
     assert_eq!(
@@ -62,7 +70,7 @@ async fn one_json_line_per_request_with_upstream_ids() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["target"] == "meetgate::access")
         .collect();
-    assert_eq!(lines.len(), 2, "{all:#?}");
+    assert_eq!(lines.len(), 3, "{all:#?}");
     let first = &lines[0];
     assert_eq!(first["level"], "INFO");
     assert_eq!(first["method"], "POST");
@@ -84,6 +92,8 @@ async fn one_json_line_per_request_with_upstream_ids() {
     assert!(first["total_ms"].as_f64().is_some());
     assert!(first["upstream_ms"].as_f64().is_some());
     assert_eq!(lines[1]["error_code"], "MEETGATE.UNKNOWN_OPERATION");
+    assert_eq!(lines[2]["request_id"], "rid-log-h2");
+    assert_eq!(lines[2]["status"], 200);
 
     // Nothing secret anywhere in the log, even at TRACE.
     let text = all.join("\n");
