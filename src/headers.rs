@@ -28,9 +28,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+const CREDENTIALS: usize = 5;
 /// Credentials a client may send that must never reach the upstream: the gateway's token
 /// replaces them, and the meetgate selection headers are for the gateway alone.
-const CLIENT_CREDENTIALS: [HeaderName; 5] = [
+const CLIENT_CREDENTIALS: [HeaderName; CREDENTIALS] = [
     X_ACCESS_TOKEN,
     header::AUTHORIZATION,
     header::COOKIE,
@@ -71,16 +72,23 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `Host` dropped (the client sets it from the upstream URL).
 pub fn sanitize_request(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    if !headers
-        .keys()
-        .any(|k| *k == header::HOST || CLIENT_CREDENTIALS.contains(k))
-    {
-        return;
+    // One pass finds which are present, and only those are removed: every request carries
+    // `Host`, and a removal per listed name hashed all six names each time.
+    let mut present = [false; CREDENTIALS];
+    let mut host = false;
+    for name in headers.keys() {
+        if let Some(i) = CLIENT_CREDENTIALS.iter().position(|c| c == name) {
+            present[i] = true;
+        } else if *name == header::HOST {
+            host = true;
+        }
     }
-    for name in &CLIENT_CREDENTIALS {
+    for (name, _) in CLIENT_CREDENTIALS.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    headers.remove(header::HOST);
+    if host {
+        headers.remove(header::HOST);
+    }
 }
 
 /// The request id as sent upstream: the same value, never HPACK-indexed. An id is unique per

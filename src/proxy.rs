@@ -658,12 +658,13 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Response<ResponseBody> {
         headers::strip_hop_by_hop(resp.headers_mut());
-        for (slot, name) in ctx
-            .upstream_headers
-            .iter_mut()
-            .zip(&LOGGED_UPSTREAM_HEADERS)
-        {
-            *slot = resp.headers().get(name).cloned();
+        // One pass over the dozen names present is cheaper than a hashed look-up of each
+        // logged one. The first value of a name is logged, as `get` would give.
+        for (name, value) in resp.headers() {
+            let logged = LOGGED_UPSTREAM_HEADERS.iter().position(|n| n == name);
+            if let Some(slot) = logged.and_then(|i| ctx.upstream_headers.get_mut(i)) {
+                slot.get_or_insert_with(|| value.clone());
+            }
         }
         resp
     }
