@@ -954,6 +954,33 @@ fn column(results: &Results, target: &str, c: usize, f: fn(&RunStats) -> f64) ->
         .unwrap_or_default()
 }
 
+/// `a` against `b` round by round (`cmp` of the two runs of a round): the median, the spread,
+/// and in how many rounds `a` came out ahead (`ahead` of that round's value). Two targets'
+/// runs in one round are seconds apart, so host drift cancels out here, where it does not
+/// between medians taken over all rounds.
+fn paired(
+    results: &Results,
+    a: &str,
+    b: &str,
+    c: usize,
+    cmp: fn(&RunStats, &RunStats) -> f64,
+    ahead: fn(f64) -> bool,
+    decimals: usize,
+) -> Option<String> {
+    let (xs, ys) = (
+        results.get(&(a.to_owned(), c))?,
+        results.get(&(b.to_owned(), c))?,
+    );
+    let per_round: Vec<f64> = xs.iter().zip(ys).map(|(x, y)| cmp(x, y)).collect();
+    let won = per_round.iter().filter(|v| ahead(**v)).count();
+    let n = per_round.len();
+    let (lo, hi) = spread(&per_round);
+    Some(format!(
+        "{:.decimals$} [{lo:.decimals$}–{hi:.decimals$}], ahead in {won} of {n}",
+        median(per_round)
+    ))
+}
+
 fn ratio(results: &Results, a: &str, b: &str, c: usize, f: fn(&RunStats) -> f64) -> String {
     let (x, y) = (
         median(column(results, a, c, f)),
@@ -1241,7 +1268,9 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     };
     for round in 1..=s.rounds {
         for &c in &s.conns {
-            for p in &proxies {
+            // Each round starts at the next target, so that none always runs first (right
+            // after the direct run or a change of connection count).
+            for p in proxies.iter().cycle().skip(round - 1).take(proxies.len()) {
                 let mut r = load(&plain(p.addr), Some(p), &ours, c, s.seconds, ticks).await?;
                 let view = p.take_access_lines();
                 let entry = log_lines.entry(p.name.clone()).or_default();
@@ -1344,6 +1373,50 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
                 p.name,
                 p50 - direct_p50
             );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "paired with nginx round by round: added p50 difference (µs) at 1 connection; \
+         requests/s and CPU/request ratios at more"
+    );
+    for name in meetgate_targets().into_iter().chain([BARE]) {
+        for &c in &s.conns {
+            let line = if c == 1 {
+                paired(
+                    &results,
+                    name,
+                    NGINX,
+                    c,
+                    |x, y| x.p50_us - y.p50_us,
+                    |d| d <= 0.0,
+                    0,
+                )
+                .map(|p50| format!("p50 {p50}"))
+            } else {
+                paired(
+                    &results,
+                    name,
+                    NGINX,
+                    c,
+                    |x, y| x.rps / y.rps,
+                    |r| r >= 1.0,
+                    2,
+                )
+                .zip(paired(
+                    &results,
+                    name,
+                    NGINX,
+                    c,
+                    |x, y| x.cpu_us_per_req / y.cpu_us_per_req,
+                    |r| r <= 1.0,
+                    2,
+                ))
+                .map(|(rps, cpu)| format!("req/s {rps}; CPU/req {cpu}"))
+            };
+            if let Some(line) = line {
+                let _ = writeln!(out, "  {name:<13} c={c:<3} {line}");
+            }
         }
     }
     let base = LAYER_VARIANTS[0].0;
