@@ -1421,7 +1421,11 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     }
     let base = LAYER_VARIANTS[0].0;
     for name in meetgate_targets().into_iter().skip(1) {
-        for &c in &s.conns {
+        for &c in s
+            .conns
+            .iter()
+            .filter(|&&c| results.contains_key(&(name.to_owned(), c)))
+        {
             let _ = writeln!(
                 out,
                 "{name:<13} vs {base} at {c:>2} conns: req/s {} CPU/req {}",
