@@ -510,10 +510,14 @@ async fn start_meetgate(
         _ => built,
     };
     if !bin.exists() {
-        return Err(format!(
-            "{} is missing; `cargo bench --bench load` builds it (or run `cargo build --release`)",
-            bin.display()
-        ));
+        return Err(if name == BASELINE {
+            format!("{BASELINE_ENV}={}: no such file", bin.display())
+        } else {
+            format!(
+                "{} is missing; `cargo bench --bench load` builds it (or run `cargo build --release`)",
+                bin.display()
+            )
+        });
     }
     let (config, addr) = meetgate_config(dir, sim, ca_file, extra)?;
     let log = dir.join(format!("{name}.log"));
@@ -955,9 +959,10 @@ fn column(results: &Results, target: &str, c: usize, f: fn(&RunStats) -> f64) ->
 }
 
 /// `a` against `b` round by round (`cmp` of the two runs of a round): the median, the spread,
-/// and in how many rounds `a` came out ahead (`ahead` of that round's value). Two targets'
-/// runs in one round are seconds apart, so host drift cancels out here, where it does not
-/// between medians taken over all rounds.
+/// and in how many rounds `a` came out ahead or level (`ahead` of that round's value). Two
+/// targets' runs in one round are at most one round's length apart, not the whole run's, so
+/// slow host drift mostly cancels out here, where it does not between medians taken over all
+/// rounds.
 fn paired(
     results: &Results,
     a: &str,
@@ -971,12 +976,20 @@ fn paired(
         results.get(&(a.to_owned(), c))?,
         results.get(&(b.to_owned(), c))?,
     );
-    let per_round: Vec<f64> = xs.iter().zip(ys).map(|(x, y)| cmp(x, y)).collect();
+    // Every target runs once per round and connection count, and a failed run ends the
+    // bench: the two lists are in round order and of one length.
+    debug_assert_eq!(xs.len(), ys.len());
+    let per_round: Vec<f64> = xs
+        .iter()
+        .zip(ys)
+        .map(|(x, y)| cmp(x, y))
+        .filter(|v| !v.is_nan())
+        .collect();
     let won = per_round.iter().filter(|v| ahead(**v)).count();
     let n = per_round.len();
     let (lo, hi) = spread(&per_round);
     Some(format!(
-        "{:.decimals$} [{lo:.decimals$}–{hi:.decimals$}], ahead in {won} of {n}",
+        "{:.decimals$} [{lo:.decimals$}–{hi:.decimals$}], ahead or level in {won} of {n}",
         median(per_round)
     ))
 }
@@ -1375,11 +1388,13 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "paired with nginx round by round: added p50 difference (µs) at 1 connection; \
-         requests/s and CPU/request ratios at more"
-    );
+    if results.keys().any(|(t, _)| t == NGINX) {
+        let _ = writeln!(
+            out,
+            "paired with nginx round by round: added p50 difference (µs) at 1 connection; \
+             requests/s and CPU/request ratios at more"
+        );
+    }
     for name in meetgate_targets().into_iter().chain([BARE]) {
         for &c in &s.conns {
             let line = if c == 1 {

@@ -658,8 +658,9 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Response<ResponseBody> {
         headers::strip_hop_by_hop(resp.headers_mut());
-        // One pass over the dozen names present is cheaper than a hashed look-up of each
-        // logged one. The first value of a name is logged, as `get` would give.
+        // One pass over the response's headers is cheaper than a hashed look-up of each
+        // logged name. The first value of a name is logged, as `get` would give.
+        ctx.upstream_headers = Default::default();
         for (name, value) in resp.headers() {
             let logged = LOGGED_UPSTREAM_HEADERS.iter().position(|n| n == name);
             if let Some(slot) = logged.and_then(|i| ctx.upstream_headers.get_mut(i)) {

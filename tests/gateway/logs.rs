@@ -94,6 +94,10 @@ async fn one_json_line_per_request_with_upstream_ids() {
     assert_eq!(lines[1]["error_code"], "MEETGATE.UNKNOWN_OPERATION");
     assert_eq!(lines[2]["request_id"], "rid-log-h2");
     assert_eq!(lines[2]["status"], 200);
+    assert_eq!(
+        lines[2]["upstream_request_id"],
+        over_h2.headers()["x-request-id"].to_str().expect("ascii")
+    );
 
     // Nothing secret anywhere in the log, even at TRACE.
     let text = all.join("\n");
