@@ -170,10 +170,7 @@ async fn get_with_query_and_control_token_headers() {
 async fn h2c_clients_are_served() {
     let sim = default_sim().await;
     let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
-    let client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let client = h2c_client();
     let req = http::Request::post(gw.url(START))
         .body(http_body_util::Full::new(bytes::Bytes::from_static(
             br#"{"conferenceID":"1","password":"p"}"#,

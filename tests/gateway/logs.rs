@@ -51,10 +51,7 @@ async fn one_json_line_per_request_with_upstream_ids() {
     let missing = client.request(req).await.expect("answer");
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     // An HTTP/2 client's request (a stream, served as a task of its own) gets its line too.
-    let h2c: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2c = h2c_client();
     let over_h2 = post_start(&h2c, &addr, Some("rid-log-h2")).await;
     assert_eq!(over_h2.version(), http::Version::HTTP_2);
     assert_eq!(over_h2.status(), StatusCode::OK);

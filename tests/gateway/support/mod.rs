@@ -603,3 +603,10 @@ pub async fn post_start(
 pub fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
+
+/// A client that speaks HTTP/2 over plain TCP (h2c, prior knowledge).
+pub fn h2c_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
