@@ -7,7 +7,8 @@
 //! `LAYER_VARIANTS` to run besides `meetgate`; default all), `LOAD_NGINX` (`off`, or the nginx
 //! binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the configs and logs), `LOAD_BARE=off`
 //! (skip the bare hyper forwarder), `LOAD_BASELINE=BINARY` (also run another meetgate build,
-//! e.g. the last commit's, as `mg-baseline`), `LOAD_PERF_OUT=FILE` (`perf record` meetgate, or
+//! e.g. the last commit's, as `mg-baseline`), `LOAD_MEETGATE=BINARY` (run that build instead
+//! of Cargo's for the layer variants, e.g. `target/pgo/meetgate`), `LOAD_PERF_OUT=FILE` (`perf record` meetgate, or
 //! the variant named by `LOAD_PERF_TARGET`, in one extra, unreported run at 16 connections, or
 //! the first connection count given, after the rounds).
 
@@ -69,6 +70,9 @@ const LAYER_VARIANTS: &[(&str, &str)] = &[
 /// with the default configuration: an A/B comparison in the same run.
 const BASELINE: &str = "mg-baseline";
 const BASELINE_ENV: &str = "LOAD_BASELINE";
+/// `LOAD_MEETGATE=BINARY`: the build the layer variants run instead of the one Cargo built
+/// for this bench, e.g. the profile-guided `target/pgo/meetgate` (`deploy/build-pgo`).
+const MEETGATE_ENV: &str = "LOAD_MEETGATE";
 
 /// The meetgate variants of this run: the layer variants, and the baseline build if given.
 fn meetgate_targets() -> Vec<&'static str> {
@@ -237,8 +241,9 @@ impl RssSampler {
 struct ChildGuard {
     name: String,
     child: Child,
-    /// nginx: its master forks the workers, which a SIGKILL of the master would orphan, so it
-    /// gets SIGTERM (fast shutdown) first.
+    /// SIGTERM first, then SIGKILL after 3 s. nginx: its master forks the workers, which a
+    /// SIGKILL of the master would orphan. meetgate: a profiling build writes its profile only
+    /// when it exits by itself.
     graceful: bool,
 }
 
@@ -503,15 +508,10 @@ async fn start_meetgate(
     ca_file: &Path,
     extra: &str,
 ) -> Result<Proxy, String> {
-    let built = Path::new(env!("CARGO_BIN_EXE_meetgate"));
-    let baseline = std::env::var_os(BASELINE_ENV).map(PathBuf::from);
-    let bin = match &baseline {
-        Some(b) if name == BASELINE => b.as_path(),
-        _ => built,
-    };
+    let (bin, chosen_by) = meetgate_binary(name);
     if !bin.exists() {
-        return Err(if name == BASELINE {
-            format!("{BASELINE_ENV}={}: no such file", bin.display())
+        return Err(if let Some(var) = chosen_by {
+            format!("{var}={}: no such file", bin.display())
         } else {
             format!(
                 "{} is missing; `cargo bench --bench load` builds it (or run `cargo build --release`)",
@@ -521,6 +521,9 @@ async fn start_meetgate(
     }
     let (config, addr) = meetgate_config(dir, sim, ca_file, extra)?;
     let log = dir.join(format!("{name}.log"));
+    if let Some(var) = chosen_by {
+        println!("{name}: runs {} ({var})", bin.display());
+    }
     let mut cmd = Command::new(bin);
     cmd.arg("run")
         .arg("--config")
@@ -534,7 +537,21 @@ async fn start_meetgate(
         ok: " status=200 ",
         time_fields: (" total_ms=", " upstream_ms=", 1.0),
     };
-    spawn_proxy(name, cmd, addr, false, format).await
+    // Stopped with SIGTERM first: an instrumented build writes its profile as it exits.
+    spawn_proxy(name, cmd, addr, true, format).await
+}
+
+/// The binary a meetgate target runs, and the variable that chose it (none: Cargo's build).
+fn meetgate_binary(name: &str) -> (PathBuf, Option<&'static str>) {
+    let var = if name == BASELINE {
+        BASELINE_ENV
+    } else {
+        MEETGATE_ENV
+    };
+    match std::env::var_os(var) {
+        Some(b) => (PathBuf::from(b), Some(var)),
+        None => (PathBuf::from(env!("CARGO_BIN_EXE_meetgate")), None),
+    }
 }
 
 fn nginx_config(
