@@ -620,17 +620,14 @@ fn dockerfile_matches_the_readme_and_its_config() {
     assert!(stages.len() >= 2, "a multi-stage build");
     let (build, runtime) = all.split_at(*stages.last().expect("a stage"));
 
-    // The builder runs the README's release build command, exactly.
+    // The builder runs the README's production build command, exactly.
     let readme = read("README.md");
     let documented = readme
         .lines()
-        .find_map(|l| l.find("cargo build --release").map(|i| &l[i..]))
+        .find_map(|l| l.find(PGO_BUILD).map(|i| &l[i..]))
         .map(|l| words(l.split(['#', '`']).next().unwrap_or(l)))
-        .expect("README.md documents the release build (`cargo build --release --locked`)");
-    assert!(
-        documented.contains("--locked"),
-        "the documented build uses --locked"
-    );
+        .expect("README.md documents the production build (`deploy/build-pgo`)");
+    assert_eq!(documented, PGO_BUILD);
     let runs_it = build.iter().filter(|(i, _)| i == "RUN").any(|(_, args)| {
         let without_flags: Vec<&str> = args
             .split_whitespace()
@@ -714,6 +711,59 @@ fn dockerfile_matches_the_readme_and_its_config() {
             "{entry} not in the build context"
         );
     }
+}
+
+/// The production build: a profile-guided release build (README, "Build").
+const PGO_BUILD: &str = "deploy/build-pgo";
+
+#[test]
+fn the_production_build_script_builds_locked_and_trains_on_the_load_bench() {
+    let script = read(PGO_BUILD);
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(path(PGO_BUILD))
+        .output()
+        .expect("run bash -n");
+    assert!(
+        syntax.status.success(),
+        "{PGO_BUILD} does not parse: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    // Both builds (instrumented and optimised) use the committed lock file.
+    let builds: Vec<&str> = script
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("cargo build"))
+        .collect();
+    assert_eq!(builds.len(), 2, "an instrumented and an optimised build");
+    for b in builds {
+        assert!(
+            b.starts_with("cargo build --release --locked "),
+            "not a locked release build: {b}"
+        );
+    }
+    // Every setting the script gives the bench is one the bench reads.
+    let bench = read("benches/load.rs");
+    let settings: BTreeSet<&str> = script
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("LOAD_"))
+        .collect();
+    assert!(
+        settings.contains("LOAD_MEETGATE"),
+        "trains the built binary"
+    );
+    for s in settings {
+        assert!(
+            bench.contains(&format!("\"{s}\"")),
+            "{PGO_BUILD} sets {s}, which benches/load.rs never reads"
+        );
+    }
+    // The image ships what the script builds.
+    let dockerfile = read("deploy/container/Dockerfile");
+    assert!(
+        dockerfile.contains("install -D -m 0755 target/pgo/meetgate /out/meetgate"),
+        "the builder installs the profile-guided binary"
+    );
 }
 
 /// `(section, key, value)` of a systemd unit, in order, repeated keys kept.
