@@ -49,6 +49,9 @@ pub use config::{DebugHeaders, SimApp, SimConfig, SimLimit, SimLimits, SimTls, W
 
 use handlers::Sim;
 
+/// How many request ids [`SimHandle::counts_by_request_id`] remembers: the most recent ones.
+pub const REQUEST_IDS_KEPT: usize = state::CAP;
+
 /// A misbehaviour to apply to the next `count` matching requests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -294,7 +297,7 @@ impl SimHandle {
     }
 
     /// How many times each `X-Request-ID` was processed by a business handler (it passed auth
-    /// and limits and the handler answered 2xx or 4xx).
+    /// and limits and the handler answered 2xx or 4xx), for the last [`REQUEST_IDS_KEPT`] ids.
     pub fn counts_by_request_id(&self) -> HashMap<String, usize> {
         self.sim.lock().processed()
     }

@@ -9,11 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use meetgate::simulator::{Fault, SimConfig, SimLimits};
+use meetgate::simulator::{Fault, SimConfig, SimLimits, REQUEST_IDS_KEPT};
 
 use crate::support::*;
 
 const CLIENTS: usize = 200;
+/// Requests per client at most: the simulator counts processing for its last
+/// `REQUEST_IDS_KEPT` request ids, and every id of the run must still be there when checked
+/// (an optimised build reaches that many within the default six seconds).
+const MAX_PER_CLIENT: usize = REQUEST_IDS_KEPT / CLIENTS;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_under_faults_loses_nothing() {
@@ -69,7 +73,7 @@ async fn soak_under_faults_loses_nothing() {
         async move {
             let mut out = Vec::new();
             let mut i = 0;
-            while tokio::time::Instant::now() < deadline {
+            while tokio::time::Instant::now() < deadline && i < MAX_PER_CLIENT {
                 let rid = format!("soak-{c}-{i}");
                 i += 1;
                 let headers = [("x-request-id", rid.as_str())];
