@@ -241,29 +241,35 @@ impl RssSampler {
 struct ChildGuard {
     name: String,
     child: Child,
-    /// SIGTERM first, then SIGKILL after 3 s. nginx: its master forks the workers, which a
+    /// SIGTERM first, then SIGKILL if still running 3 s later. nginx: its master forks the workers, which a
     /// SIGKILL of the master would orphan. meetgate: a profiling build writes its profile only
     /// when it exits by itself.
     graceful: bool,
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
+    // A process that is already gone is not worth a message; no `kill` program is.
+    if let Err(e) = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
         .stderr(Stdio::null())
-        .status();
+        .status()
+    {
+        eprintln!("cannot run `kill -{sig} {pid}`: {e}");
+    }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let pid = self.child.id();
         let workers = children_of(pid);
+        let mut exited = false;
         if self.graceful {
             signal(pid, "TERM");
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
                 if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    exited = true;
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -276,7 +282,12 @@ impl Drop for ChildGuard {
                 signal(w, "KILL");
             }
         }
-        eprintln!("stopped {} (pid {pid})", self.name);
+        let how = match (self.graceful, exited) {
+            (true, true) => "exited on SIGTERM",
+            (true, false) => "killed: still running 3 s after SIGTERM",
+            (false, _) => "killed",
+        };
+        eprintln!("stopped {} (pid {pid}): {how}", self.name);
     }
 }
 
@@ -432,8 +443,11 @@ fn meetgate_config(
             .collect()
     };
     let (top_extra, upstream_extra, extra) = (lines("top."), lines("upstream."), lines(""));
+    // The drain fits in the 3 s a stop waits after SIGTERM, so a profiling build always exits
+    // by itself and writes its profile.
     let toml = format!(
-        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{top_extra}\n\
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         shutdown_grace = \"2s\"\n{top_extra}\n\
          [upstream]\nurl = \"{}\"\nca_file = {:?}\n{upstream_extra}\n\
          [[apps]]\nname = \"default\"\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n\n\
          {log}\n{quota}\n{extra}",

@@ -622,11 +622,14 @@ fn dockerfile_matches_the_readme_and_its_config() {
 
     // The builder runs the README's production build command, exactly.
     let readme = read("README.md");
+    // A command line of the Build section's code block, not a mention in prose.
     let documented = readme
         .lines()
-        .find_map(|l| l.find(PGO_BUILD).map(|i| &l[i..]))
-        .map(|l| words(l.split(['#', '`']).next().unwrap_or(l)))
-        .expect("README.md documents the production build (`deploy/build-pgo`)");
+        .skip_while(|l| l.trim() != "## Build")
+        .take_while(|l| !l.starts_with("## Commands"))
+        .find(|l| l.starts_with(PGO_BUILD))
+        .map(|l| words(l.split('#').next().unwrap_or(l)))
+        .expect("README.md's Build section runs the production build (`deploy/build-pgo`)");
     assert_eq!(documented, PGO_BUILD);
     let runs_it = build.iter().filter(|(i, _)| i == "RUN").any(|(_, args)| {
         let without_flags: Vec<&str> = args
@@ -736,6 +739,12 @@ fn the_production_build_script_builds_locked_and_trains_on_the_load_bench() {
         .filter(|l| l.starts_with("cargo build"))
         .collect();
     assert_eq!(builds.len(), 2, "an instrumented and an optimised build");
+    assert!(
+        script
+            .lines()
+            .any(|l| l.trim().starts_with("cargo bench --locked --bench load ")),
+        "trains with the load bench"
+    );
     for b in builds {
         assert!(
             b.starts_with("cargo build --release --locked "),
@@ -758,11 +767,25 @@ fn the_production_build_script_builds_locked_and_trains_on_the_load_bench() {
             "{PGO_BUILD} sets {s}, which benches/load.rs never reads"
         );
     }
-    // The image ships what the script builds.
+    // The image ships what the script builds, and runs the script as a program.
+    assert!(
+        script.lines().any(|l| l == "out=target/pgo")
+            && script.contains(
+                r#"install -m 0755 "$out/optimized/$host/release/meetgate" "$out/meetgate""#
+            ),
+        "the script leaves its binary at target/pgo/meetgate"
+    );
     let dockerfile = read("deploy/container/Dockerfile");
     assert!(
         dockerfile.contains("install -D -m 0755 target/pgo/meetgate /out/meetgate"),
         "the builder installs the profile-guided binary"
+    );
+    let mode = std::fs::metadata(path(PGO_BUILD))
+        .expect("the script")
+        .permissions();
+    assert!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o111 != 0,
+        "{PGO_BUILD} is executable"
     );
 }
 
