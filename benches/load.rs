@@ -8,9 +8,9 @@
 //! binary), `LOAD_KEEP_DIR=1` (keep the temp dir with the configs and logs), `LOAD_BARE=off`
 //! (skip the bare hyper forwarder), `LOAD_BASELINE=BINARY` (also run another meetgate build,
 //! e.g. the last commit's, as `mg-baseline`), `LOAD_MEETGATE=BINARY` (run that build instead
-//! of Cargo's for the layer variants, e.g. `target/pgo/meetgate`), `LOAD_PERF_OUT=FILE` (`perf record` meetgate, or
-//! the variant named by `LOAD_PERF_TARGET`, in one extra, unreported run at 16 connections, or
-//! the first connection count given, after the rounds).
+//! of Cargo's for the layer variants, e.g. `target/pgo/meetgate`), `LOAD_PERF_OUT=FILE`
+//! (`perf record` meetgate, or the variant named by `LOAD_PERF_TARGET`, in one extra,
+//! unreported run at 16 connections, or the first connection count given, after the rounds).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -241,9 +241,9 @@ impl RssSampler {
 struct ChildGuard {
     name: String,
     child: Child,
-    /// SIGTERM first, then SIGKILL if still running 3 s later. nginx: its master forks the workers, which a
-    /// SIGKILL of the master would orphan. meetgate: a profiling build writes its profile only
-    /// when it exits by itself.
+    /// SIGTERM first, then SIGKILL if still running 3 s later. nginx: its master forks the
+    /// workers, which a SIGKILL of the master would orphan. meetgate: a profiling build writes
+    /// its profile only when it exits by itself.
     graceful: bool,
 }
 

@@ -732,19 +732,19 @@ fn the_production_build_script_builds_locked_and_trains_on_the_load_bench() {
         "{PGO_BUILD} does not parse: {}",
         String::from_utf8_lossy(&syntax.stderr)
     );
+    let lines: Vec<&str> = script.lines().map(str::trim).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("cargo bench --locked --bench load ")),
+        "trains with the load bench"
+    );
     // Both builds (instrumented and optimised) use the committed lock file.
-    let builds: Vec<&str> = script
-        .lines()
-        .map(str::trim)
+    let builds: Vec<&&str> = lines
+        .iter()
         .filter(|l| l.starts_with("cargo build"))
         .collect();
     assert_eq!(builds.len(), 2, "an instrumented and an optimised build");
-    assert!(
-        script
-            .lines()
-            .any(|l| l.trim().starts_with("cargo bench --locked --bench load ")),
-        "trains with the load bench"
-    );
     for b in builds {
         assert!(
             b.starts_with("cargo build --release --locked "),
@@ -769,7 +769,7 @@ fn the_production_build_script_builds_locked_and_trains_on_the_load_bench() {
     }
     // The image ships what the script builds, and runs the script as a program.
     assert!(
-        script.lines().any(|l| l == "out=target/pgo")
+        lines.contains(&"out=target/pgo")
             && script.contains(
                 r#"install -m 0755 "$out/optimized/$host/release/meetgate" "$out/meetgate""#
             ),
