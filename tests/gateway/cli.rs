@@ -193,3 +193,57 @@ async fn demo_prints_a_curl_line_that_works() {
     let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert!(v["uuid"].is_string() && v["regionIP"].is_string(), "{v}");
 }
+
+/// `check-config` prints exactly what `tests/gateway/golden/<name>.out` holds for every file in
+/// `config/` (key files replaced by a temporary one, printed as `<KEY_FILE>`; `workers` set so
+/// the output does not depend on the machine). `MEETGATE_BLESS=1` rewrites the expectations.
+#[test]
+fn check_config_output_for_every_shipped_config_is_unchanged() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gateway/golden");
+    let key_dir = tempfile::tempdir().expect("tempdir");
+    let key_file = key_dir.path().join("app_key");
+    std::fs::write(&key_file, "file-key\n").expect("write key");
+    let bless = std::env::var_os("MEETGATE_BLESS").is_some();
+    let mut compared = 0;
+    for entry in std::fs::read_dir(&dir).expect("config/ exists") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read").replace(
+            "/run/secrets/meetgate/app_key",
+            &key_file.display().to_string(),
+        );
+        let copy = key_dir.path().join(path.file_name().expect("name"));
+        std::fs::write(&copy, text).expect("write");
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&copy)
+            .env("MEETGATE_APP_KEY", "example-key")
+            .env("MEETGATE_CLIENT_SDK_TEAM_KEY", "example-client-key")
+            .env("MEETGATE__WORKERS", "2")
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = String::from_utf8_lossy(&out.stdout)
+            .replace(&key_file.display().to_string(), "<KEY_FILE>");
+        let expected_path = golden.join(format!(
+            "{}.out",
+            path.file_stem().and_then(|s| s.to_str()).expect("stem")
+        ));
+        if bless {
+            std::fs::create_dir_all(&golden).expect("mkdir");
+            std::fs::write(&expected_path, &printed).expect("bless");
+        }
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", expected_path.display()));
+        assert_eq!(printed, expected, "check-config of {}", path.display());
+        compared += 1;
+    }
+    assert!(compared >= 3);
+}
