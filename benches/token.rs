@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 use meetgate::clock::SystemClock;
-use meetgate::config::AppConfig;
 use meetgate::headers::X_ACCESS_TOKEN;
+use meetgate::token::AppConfig;
 use meetgate::token::{Authenticator, Grant, SignInFuture, Slot, TokenCache};
 use secrecy::SecretString;
 

@@ -7,10 +7,80 @@ use http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ClientConfig, Config};
+use serde::Serialize;
+
 use crate::error::GatewayError;
 use crate::headers::{X_ACCESS_TOKEN, X_MEETGATE_APP, X_MEETGATE_USER};
+use crate::secret::{print, KeySource};
 use crate::session::{Session, SessionStore};
+
+/// `[[clients]]`: a client of the gateway and what it may do.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientConfig {
+    pub name: Arc<str>,
+    /// SHA-256 of its bearer key. A key's digest still identifies it: not printed either.
+    #[serde(
+        serialize_with = "print::redacted_some",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub key_sha256: Option<[u8; 32]>,
+    /// SDK-style credentials: the App ID and key the client signs in to meetgate with.
+    #[serde(flatten)]
+    pub sdk: Option<SdkCredential>,
+    /// Apps it may act through, by name; the first is its default.
+    pub apps: Vec<String>,
+    /// Users it may act as; `None`: only each app's default user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<Patterns>,
+    /// Operations it may call; `None`: all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operations: Option<Patterns>,
+}
+
+/// An SDK client's gateway credentials (never the upstream's).
+#[derive(Debug, Clone, Serialize)]
+pub struct SdkCredential {
+    pub app_id: String,
+    #[serde(flatten)]
+    pub key_source: KeySource,
+    #[serde(serialize_with = "print::redacted")]
+    pub app_key: secrecy::SecretString,
+}
+
+/// Exact names or glob patterns (`*`, `?`, `[...]`); prints as the list it was given.
+#[derive(Clone)]
+pub struct Patterns {
+    pub patterns: Vec<String>,
+    set: globset::GlobSet,
+}
+
+impl Patterns {
+    pub fn new(patterns: Vec<String>, set: globset::GlobSet) -> Patterns {
+        Patterns { patterns, set }
+    }
+
+    pub fn matches(&self, candidate: &str) -> bool {
+        self.set.is_match(candidate)
+    }
+}
+
+impl std::fmt::Debug for Patterns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.patterns).finish()
+    }
+}
+
+impl PartialEq for Patterns {
+    fn eq(&self, other: &Self) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
+impl Serialize for Patterns {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.patterns.serialize(serializer)
+    }
+}
 
 /// The authenticated caller of one request.
 #[derive(Debug, Clone)]
@@ -50,9 +120,9 @@ pub struct AccessRules {
 const UNAUTHENTICATED: &str = "a client key (Authorization: Bearer) or a session token is required";
 
 impl AccessRules {
-    pub fn new(config: &Config) -> AccessRules {
+    pub fn new(clients: &[ClientConfig]) -> AccessRules {
         AccessRules {
-            clients: config.clients.iter().cloned().map(Arc::new).collect(),
+            clients: clients.iter().cloned().map(Arc::new).collect(),
         }
     }
 

@@ -31,10 +31,6 @@ pub enum ProxyBody {
     },
 }
 
-/// An upstream response body: from hyper-util's pooled client (left) or from the direct
-/// HTTP/2 lane (right).
-pub type UpstreamBody = http_body_util::Either<Incoming, crate::upstream::H2Body>;
-
 /// The client's body went past `limits.max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds {0} bytes")]

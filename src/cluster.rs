@@ -10,7 +10,41 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ClusterConfig;
+use crate::secret::{print, redact_url};
+
+/// `[cluster]`: several replicas sharing one quota and one token per identity through Redis.
+#[derive(Clone, Serialize)]
+pub struct ClusterConfig {
+    /// May hold a password: never printed.
+    #[serde(serialize_with = "print::redacted_url")]
+    pub redis_url: secrecy::SecretString,
+    pub key_prefix: String,
+    /// When Redis is unreachable each replica falls back to 1/max_replicas of every limit.
+    pub max_replicas: std::num::NonZeroU32,
+    /// Longest wait for one Redis command before falling back.
+    #[serde(serialize_with = "print::duration")]
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &redact_url(self.redis_url.expose_secret()))
+            .field("key_prefix", &self.key_prefix)
+            .field("max_replicas", &self.max_replicas)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl PartialEq for ClusterConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.redis_url.expose_secret() == other.redis_url.expose_secret()
+            && self.key_prefix == other.key_prefix
+            && self.max_replicas == other.max_replicas
+            && self.timeout == other.timeout
+    }
+}
 
 /// GCRA over every limit of one bucket, in one atomic step, on Redis' clock (so replicas need
 /// not agree on time). KEYS: one per limit, then the "alive" marker. ARGV: per limit its

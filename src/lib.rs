@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod quota;
 pub mod reload;
 pub mod sdk;
+pub mod secret;
 pub mod server;
 pub mod session;
 pub mod simulator;

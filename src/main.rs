@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use meetgate::config::{self, LogConfig, LogFormat};
+use meetgate::config;
 use meetgate::reload::ConfigSource;
+use meetgate::telemetry::{LogConfig, LogFormat};
 use meetgate::{server, simulator, telemetry};
 
 /// EX_USAGE from sysexits.h: the configuration or the command line is wrong.

@@ -1,6 +1,7 @@
 //! The request path: classify, pick the identity, get its token, rewrite headers, forward,
 //! replay once on a refused token, stream the answer back, and write one access-log line.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,20 +15,21 @@ use hyper::body::Incoming;
 use secrecy::ExposeSecret;
 use tokio::sync::Semaphore;
 
-use crate::access::AccessRules;
+use crate::access::{AccessRules, Caller};
 use crate::accesslog;
-use crate::body::{self, IdleTimeout, ProxyBody, UpstreamBody};
+use crate::body::{self, IdleTimeout, ProxyBody};
 use crate::clock::Clock;
 use crate::cluster::Cluster;
-use crate::config::{AppConfig, Config};
+use crate::config::Config;
 use crate::error::{retry_after_secs, GatewayError};
 use crate::headers::{self, X_ACCESS_TOKEN, X_REQUEST_ID};
 use crate::metrics::{AppLabels, Metrics, OpHistogram, OperationLabels, QuotaLabels};
 use crate::operations::{ClassifyError, OperationId, OperationKind, OperationTable};
 use crate::quota::{Admission, BucketKey, QuotaManager, Refused};
 use crate::sdk::{SdkAuth, SdkRequest};
+use crate::token::AppConfig;
 use crate::token::{Authenticator, SharedAuthenticator, Slot, TokenCache, UpstreamAuthenticator};
-use crate::upstream::{read_body, Upstream, UpstreamBuildError};
+use crate::upstream::{read_body, Upstream, UpstreamBody, UpstreamBuildError};
 
 /// What the gateway answers with: the upstream's streamed body, or one it built itself.
 /// The upstream's body is watched for silence longer than `upstream.body_timeout`.
@@ -103,6 +105,65 @@ struct RequestCtx {
     upstream_headers: [Option<HeaderValue>; LOGGED_COUNT],
 }
 
+/// What one request works with from start to end: a reload swaps these whole for later
+/// requests, never under a request in flight.
+struct View {
+    config: Arc<Config>,
+    access: Arc<AccessRules>,
+    apps: Arc<Vec<AppEntry>>,
+}
+
+impl View {
+    fn default_user(&self, app: &str) -> Option<String> {
+        self.apps
+            .iter()
+            .find(|e| e.app.name == app)
+            .map(|e| e.app.user_id.clone())
+    }
+}
+
+/// A classified, authorised request on its way upstream, across its attempts.
+struct Plan<'v> {
+    /// The identity's token slot (the app's default one borrowed from the view).
+    slot: Cow<'v, Arc<Slot>>,
+    bucket: BucketKey,
+    /// The request's quota wait and its replays after an upstream 429 end here.
+    deadline: Instant,
+    out: Outbound,
+    attempts: u32,
+}
+
+/// The request as it goes upstream.
+struct Outbound {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    /// Sent by a client connection that sends one request at a time (HTTP/1.x).
+    one_at_a_time: bool,
+    body: OutBody,
+    /// Set when a streamed body crossed `limits.max_body_bytes`.
+    too_large: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+enum OutBody {
+    /// Buffered: sent as often as a replay needs.
+    Buffered(Option<Bytes>),
+    /// Streamed: sent once, then gone.
+    Streamed(Option<ProxyBody>),
+}
+
+impl Outbound {
+    fn replayable(&self) -> bool {
+        matches!(self.body, OutBody::Buffered(_))
+    }
+}
+
+/// After an attempt: the answer for the client, or one more attempt.
+enum Next {
+    Answer(Response<ResponseBody>),
+    Replay,
+}
+
 /// Upstream response headers copied into the access log.
 const LOGGED_COUNT: usize = 6;
 const LOGGED_UPSTREAM_HEADERS: [http::HeaderName; LOGGED_COUNT] = [
@@ -160,7 +221,7 @@ impl Gateway {
             tokens,
             quota,
             apps: ArcSwap::from_pointee(apps),
-            access: ArcSwap::from_pointee(AccessRules::new(&config_for_access)),
+            access: ArcSwap::from_pointee(AccessRules::new(&config_for_access.clients)),
             sdk: SdkAuth::new(&config_for_access.sdk),
             metrics,
             requests: Arc::new(Semaphore::new(
@@ -349,7 +410,7 @@ impl Gateway {
                     || a.sdk.as_ref().map(|s| s.app_key.expose_secret())
                         != b.sdk.as_ref().map(|s| s.app_key.expose_secret())
             });
-        self.access.store(Arc::new(AccessRules::new(&new)));
+        self.access.store(Arc::new(AccessRules::new(&new.clients)));
         let new = Arc::new(new);
         self.apps.store(Arc::new(build_apps(&self.tokens, &new)));
         self.config.store(new);
@@ -415,6 +476,9 @@ impl Gateway {
         resp
     }
 
+    /// The request path, one named step per stage (design §1): classify, access, identity,
+    /// rewrite; then, per attempt, quota, token and forward, until the replay step hands the
+    /// upstream's answer to the client.
     async fn handle_inner(
         &self,
         req: Request<Incoming>,
@@ -422,6 +486,55 @@ impl Gateway {
         upstream: &Upstream,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let (parts, body) = req.into_parts();
+        let op_id = self.classify(&parts, ctx)?;
+        let view = self.view();
+        let op = self.ops.get(op_id);
+        match op.kind {
+            // Sign-in and the caller's own token are meetgate's business: answered locally
+            // for SDK clients, never forwarded (a forwarded logout would end the shared token).
+            OperationKind::SignIn | OperationKind::TokenManagement => {
+                return self
+                    .answer_sdk(&view, op.name, &parts.headers, body, ctx)
+                    .await;
+            }
+            OperationKind::Business | OperationKind::Unlisted => {}
+        }
+        let caller = self.access(&view, &parts.headers, ctx)?;
+        let slot = self.identity(&view, &caller, op.name, &parts.headers, ctx)?;
+        let limits = &view.config.limits;
+        let body = body::prepare(body, limits.replay_body_bytes, limits.max_body_bytes).await?;
+        let mut plan = Plan {
+            bucket: self.quota.key(op_id, &slot.key.app, &slot.key.user),
+            deadline: ctx.start + view.config.quota.max_wait,
+            slot,
+            out: self.rewrite(parts, body, ctx, upstream)?,
+            attempts: 0,
+        };
+        loop {
+            plan.attempts += 1;
+            let admission = self.admit(&plan.bucket, plan.deadline, ctx).await?;
+            let generation = self.inject_token(&mut plan, ctx).await?;
+            let resp = self.forward(&mut plan.out, upstream, ctx, limits).await?;
+            if let Some(a) = admission {
+                self.quota.observe(a, resp.headers());
+            }
+            match self
+                .replay(resp, &plan, generation, ctx, &view.config, upstream)
+                .await?
+            {
+                Next::Answer(resp) => return Ok(self.finish(resp, ctx)),
+                Next::Replay => {}
+            }
+        }
+    }
+
+    /// Classify: the method and path name an operation of the table, or the request is
+    /// refused (CONNECT, absolute-form targets, unknown or non-canonical paths).
+    fn classify(
+        &self,
+        parts: &http::request::Parts,
+        ctx: &mut RequestCtx,
+    ) -> Result<OperationId, GatewayError> {
         if parts.method == Method::CONNECT {
             return Err(GatewayError::BadRequest("CONNECT is not supported"));
         }
@@ -442,72 +555,101 @@ impl Gateway {
                 },
                 ClassifyError::Ambiguous => GatewayError::AmbiguousPath,
             })?;
-        let op = self.ops.get(op_id);
-        ctx.operation = op.name;
+        ctx.operation = self.ops.get(op_id).name;
         ctx.op_id = Some(op_id);
-        let config = self.config.load_full();
-        let access = self.access.load_full();
-        let apps = self.apps.load_full();
-        let default_user = |app: &str| {
-            apps.iter()
-                .find(|e| e.app.name == app)
-                .map(|e| e.app.user_id.clone())
-        };
-        match op.kind {
-            // Sign-in and the caller's own token are meetgate's business: answered locally
-            // for SDK clients, never forwarded (a forwarded logout would end the shared token).
-            OperationKind::SignIn | OperationKind::TokenManagement => {
-                let req = SdkRequest {
-                    operation: op.name,
-                    headers: &parts.headers,
-                    peer: ctx.peer,
-                    now_ms: self.tokens.now_ms(),
-                };
-                let resp = self
-                    .sdk
-                    .handle(req, body, &access, &config.sdk, default_user)
-                    .await?;
-                return Ok(resp.map(Either::Right));
-            }
-            OperationKind::Business | OperationKind::Unlisted => {}
-        }
+        Ok(op_id)
+    }
 
-        let caller =
-            access.authenticate(&parts.headers, &self.sdk.sessions, self.tokens.now_ms())?;
+    /// The configuration, clients and apps this request works with from start to end.
+    fn view(&self) -> View {
+        View {
+            config: self.config.load_full(),
+            access: self.access.load_full(),
+            apps: self.apps.load_full(),
+        }
+    }
+
+    /// Sign-in and token management for SDK clients, answered by meetgate itself.
+    async fn answer_sdk(
+        &self,
+        view: &View,
+        operation: &'static str,
+        headers: &HeaderMap,
+        body: Incoming,
+        ctx: &RequestCtx,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        let req = SdkRequest {
+            operation,
+            headers,
+            peer: ctx.peer,
+            now_ms: self.tokens.now_ms(),
+        };
+        let resp = self
+            .sdk
+            .handle(req, body, &view.access, &view.config.sdk, |app| {
+                view.default_user(app)
+            })
+            .await?;
+        Ok(resp.map(Either::Right))
+    }
+
+    /// Access: who is calling (nobody in particular on an open sidecar).
+    fn access(
+        &self,
+        view: &View,
+        headers: &HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Caller, GatewayError> {
+        let caller = view
+            .access
+            .authenticate(headers, &self.sdk.sessions, self.tokens.now_ms())?;
         if let Some(client) = caller.client() {
             ctx.client = Some(client.name.clone());
         }
-        let identity = access.authorize(&caller, op.name, &parts.headers, default_user)?;
+        Ok(caller)
+    }
+
+    /// Identity: which app and user the request acts as, if the caller may; its token slot.
+    fn identity<'v>(
+        &self,
+        view: &'v View,
+        caller: &Caller,
+        operation: &'static str,
+        headers: &HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Cow<'v, Arc<Slot>>, GatewayError> {
+        let identity = view
+            .access
+            .authorize(caller, operation, headers, |app| view.default_user(app))?;
         let entry = if identity.app.is_empty() {
-            apps.first()
+            view.apps.first()
         } else {
-            apps.iter().find(|e| e.app.name == identity.app)
+            view.apps.iter().find(|e| e.app.name == identity.app)
         }
         .ok_or(GatewayError::Forbidden(
             "X-Meetgate-App names no configured app",
         ))?;
         ctx.app = Some(entry.app.clone());
         // The app's default identity is borrowed: its slot's count is shared by every worker.
-        let named;
         let slot = match identity.user {
             Some(user) if user != entry.app.user_id => {
-                named = self.tokens.slot(&entry.app, &user);
-                &named
+                Cow::Owned(self.tokens.slot(&entry.app, &user))
             }
-            _ => &entry.default_slot,
+            _ => Cow::Borrowed(&entry.default_slot),
         };
         ctx.user = Some(slot.key.user.clone());
-        let bucket_key = self.quota.key(op_id, &slot.key.app, &slot.key.user);
-        let deadline = ctx.start + config.quota.max_wait;
+        Ok(slot)
+    }
 
-        let body = body::prepare(
-            body,
-            config.limits.replay_body_bytes,
-            config.limits.max_body_bytes,
-        )
-        .await?;
-        let too_large = body.exceeded();
-
+    /// Rewrite: the upstream's URI, the client's credentials and hop-by-hop headers gone, the
+    /// request id set.
+    fn rewrite(
+        &self,
+        parts: http::request::Parts,
+        body: ProxyBody,
+        ctx: &RequestCtx,
+        upstream: &Upstream,
+    ) -> Result<Outbound, GatewayError> {
         let path_and_query = parts
             .uri
             .path_and_query()
@@ -517,115 +659,150 @@ impl Gateway {
         let mut headers = parts.headers;
         headers::sanitize_request(&mut headers);
         headers.insert(X_REQUEST_ID, headers::forwarded_request_id(&ctx.request_id));
+        let too_large = body.exceeded();
         // A buffered body is sent from here as often as a replay needs, its head lent to each
         // send; a streamed one goes once, head and all.
-        let (buffered, mut streamed) = match body {
-            ProxyBody::Full(b) => (Some(b), None),
-            stream @ ProxyBody::Stream { .. } => (None, Some(stream)),
+        let body = match body {
+            ProxyBody::Full(b) => OutBody::Buffered(b),
+            stream @ ProxyBody::Stream { .. } => OutBody::Streamed(Some(stream)),
         };
-        let replayable = buffered.is_some();
+        Ok(Outbound {
+            method: parts.method,
+            uri,
+            headers,
+            one_at_a_time: parts.version < Version::HTTP_2,
+            body,
+            too_large,
+        })
+    }
 
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let admission = self.admit(&bucket_key, deadline, ctx).await?;
+    /// Token: the identity's current access token (waiting only when it has none that is
+    /// valid). Returns the token's generation, to invalidate exactly it if refused.
+    async fn inject_token(
+        &self,
+        plan: &mut Plan<'_>,
+        ctx: &mut RequestCtx,
+    ) -> Result<u64, GatewayError> {
+        let waited = Instant::now();
+        let (token, generation) = self.tokens.header(&plan.slot).await?;
+        ctx.token_wait += waited.elapsed();
+        plan.out.headers.insert(X_ACCESS_TOKEN, token);
+        Ok(generation)
+    }
 
-            let waited = Instant::now();
-            let (token, generation) = self.tokens.header(slot).await?;
-            ctx.token_wait += waited.elapsed();
-            headers.insert(X_ACCESS_TOKEN, token);
-
-            let sent = Instant::now();
-            let result = match (&buffered, streamed.take()) {
-                (Some(body), _) => {
-                    upstream
-                        .send_buffered(
-                            &parts.method,
-                            &uri,
-                            &mut headers,
-                            body.clone(),
-                            parts.version < Version::HTTP_2,
-                        )
-                        .await
-                }
-                (None, Some(body)) => {
-                    let mut req = Request::new(body);
-                    *req.method_mut() = parts.method.clone();
-                    *req.uri_mut() = uri.clone();
-                    // The upstream connection decides the protocol; HTTP/1.1 semantics.
-                    *req.version_mut() = Version::HTTP_11;
-                    *req.headers_mut() = std::mem::take(&mut headers);
-                    upstream.send(req).await
-                }
-                (None, None) => return Err(unreachable_replay()),
-            };
-            ctx.upstream_time += sent.elapsed();
-            let resp = match result {
-                // However the protocol reported the aborted stream, the cause was the body cap.
-                Err(_)
-                    if too_large
-                        .as_ref()
-                        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) =>
-                {
-                    return Err(GatewayError::BodyTooLarge {
-                        limit: config.limits.max_body_bytes,
-                    })
-                }
-                other => other?,
-            };
-            if let Some(a) = admission {
-                self.quota.observe(a, resp.headers());
+    /// Forward: one send upstream, waiting for the response headers.
+    async fn forward(
+        &self,
+        out: &mut Outbound,
+        upstream: &Upstream,
+        ctx: &mut RequestCtx,
+        limits: &crate::server::LimitsConfig,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let sent = Instant::now();
+        let result = match &mut out.body {
+            OutBody::Buffered(body) => {
+                upstream
+                    .send_buffered(
+                        &out.method,
+                        &out.uri,
+                        &mut out.headers,
+                        body.clone(),
+                        out.one_at_a_time,
+                    )
+                    .await
             }
-
-            let status = resp.status();
-            if status != StatusCode::UNAUTHORIZED && status != StatusCode::TOO_MANY_REQUESTS {
-                let body_timeout = config.upstream.body_timeout;
-                return Ok(self.finish(
-                    resp.map(|b| Either::Left(IdleTimeout::new(b, body_timeout))),
-                    ctx,
-                ));
+            OutBody::Streamed(stream) => {
+                let body = stream.take().ok_or_else(unreachable_replay)?;
+                let mut req = Request::new(body);
+                *req.method_mut() = out.method.clone();
+                *req.uri_mut() = out.uri.clone();
+                // The upstream connection decides the protocol; HTTP/1.1 semantics.
+                *req.version_mut() = Version::HTTP_11;
+                *req.headers_mut() = std::mem::take(&mut out.headers);
+                upstream.send(req).await
             }
-            // Both mean the upstream did not process the request: read the small error body
-            // to be sure, then replay when the body allows it.
-            let (mut rparts, rbody) = resp.into_parts();
-            let bytes = read_body(rbody, ERROR_BODY_LIMIT, upstream.request_timeout()).await?;
-            if status == StatusCode::UNAUTHORIZED {
-                if error_code(&bytes) == Some(TOKEN_INVALID_CODE) {
-                    self.tokens.invalidate(slot, generation);
-                    if replayable && !ctx.replayed_401 {
-                        ctx.replayed_401 = true;
-                        continue;
-                    }
-                }
-            } else {
-                ctx.upstream_429s += 1;
-                let retry_after = rparts
-                    .headers
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
-                let hold = match self.quota.find(&bucket_key) {
-                    Some(bucket) => self.quota.hold(&bucket, retry_after),
-                    None => retry_after.unwrap_or(Duration::from_secs(1)),
-                };
-                tracing::warn!(
-                    operation = ctx.operation,
-                    error_code = error_code(&bytes).unwrap_or("-"),
-                    hold_ms = hold.as_millis() as u64,
-                    "Upstream refused a request for quota"
-                );
-                if replayable && attempts <= MAX_QUOTA_REPLAYS && Instant::now() + hold < deadline {
-                    continue;
-                }
-                rparts
-                    .headers
-                    .entry(header::RETRY_AFTER)
-                    .or_insert_with(|| HeaderValue::from(retry_after_secs(hold)));
+        };
+        ctx.upstream_time += sent.elapsed();
+        match result {
+            // However the protocol reported the aborted stream, the cause was the body cap.
+            Err(_)
+                if out
+                    .too_large
+                    .as_ref()
+                    .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) =>
+            {
+                Err(GatewayError::BodyTooLarge {
+                    limit: limits.max_body_bytes,
+                })
             }
-            let resp = Response::from_parts(rparts, Either::Right(Full::new(bytes)));
-            return Ok(self.finish(resp, ctx));
+            other => other,
         }
+    }
+
+    /// Replay: a refused token (401 `USG.000000004`) or an upstream 429 means the upstream did
+    /// not process the request; it goes again when its body allows, else the answer is the
+    /// client's. Any other answer streams back as it is.
+    async fn replay(
+        &self,
+        resp: Response<UpstreamBody>,
+        plan: &Plan<'_>,
+        generation: u64,
+        ctx: &mut RequestCtx,
+        config: &Config,
+        upstream: &Upstream,
+    ) -> Result<Next, GatewayError> {
+        let status = resp.status();
+        if status != StatusCode::UNAUTHORIZED && status != StatusCode::TOO_MANY_REQUESTS {
+            let body_timeout = config.upstream.body_timeout;
+            return Ok(Next::Answer(
+                resp.map(|b| Either::Left(IdleTimeout::new(b, body_timeout))),
+            ));
+        }
+        // Read the small error body to be sure of the cause.
+        let (mut rparts, rbody) = resp.into_parts();
+        let bytes = read_body(rbody, ERROR_BODY_LIMIT, upstream.request_timeout()).await?;
+        let replayable = plan.out.replayable();
+        if status == StatusCode::UNAUTHORIZED {
+            if error_code(&bytes) == Some(TOKEN_INVALID_CODE) {
+                self.tokens.invalidate(&plan.slot, generation);
+                if replayable && !ctx.replayed_401 {
+                    ctx.replayed_401 = true;
+                    return Ok(Next::Replay);
+                }
+            }
+        } else {
+            ctx.upstream_429s += 1;
+            let retry_after = rparts
+                .headers
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let hold = match self.quota.find(&plan.bucket) {
+                Some(bucket) => self.quota.hold(&bucket, retry_after),
+                None => retry_after.unwrap_or(Duration::from_secs(1)),
+            };
+            tracing::warn!(
+                operation = ctx.operation,
+                error_code = error_code(&bytes).unwrap_or("-"),
+                hold_ms = hold.as_millis() as u64,
+                "Upstream refused a request for quota"
+            );
+            if replayable
+                && plan.attempts <= MAX_QUOTA_REPLAYS
+                && Instant::now() + hold < plan.deadline
+            {
+                return Ok(Next::Replay);
+            }
+            rparts
+                .headers
+                .entry(header::RETRY_AFTER)
+                .or_insert_with(|| HeaderValue::from(retry_after_secs(hold)));
+        }
+        Ok(Next::Answer(Response::from_parts(
+            rparts,
+            Either::Right(Full::new(bytes)),
+        )))
     }
 
     /// Waits for a quota slot for the bucket, unless quotas are off.

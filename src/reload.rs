@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{self, Config, KeySource};
+use crate::config::{self, Config};
 use crate::proxy::Gateway;
+use crate::secret::KeySource;
 
 /// Where the configuration comes from: the file and the environment it is layered with.
 #[derive(Clone)]

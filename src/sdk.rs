@@ -13,11 +13,11 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use secrecy::ExposeSecret;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::access::AccessRules;
-use crate::config::{ClientConfig, SdkConfig};
+use crate::access::ClientConfig;
 use crate::error::GatewayError;
 use crate::headers::X_ACCESS_TOKEN;
 use crate::session::{Issued, Session, SessionStore};
@@ -44,6 +44,15 @@ struct ValidateBody {
     token: Option<String>,
     #[serde(default)]
     need_gen_new_token: bool,
+}
+
+/// `[sdk]`: the sessions meetgate issues to SDK clients that sign in to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SdkConfig {
+    /// Lifetime of the session tokens meetgate issues to SDK clients.
+    #[serde(serialize_with = "crate::secret::print::duration")]
+    pub session_lifetime: std::time::Duration,
+    pub max_sessions: usize,
 }
 
 /// Local sign-in state: sessions and the nonces already used.

@@ -9,7 +9,22 @@ use std::time::Duration;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use serde::Serialize;
+
+/// `[log]`: how lines are written and which are kept.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `"info"` or `"info,meetgate::access=warn"`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// How long the writer waits after the first pending line before writing, so that one wake-up
 /// and one `write(2)` serve every line of the window rather than one each. Lines therefore
@@ -23,7 +38,7 @@ const MAX_PENDING: usize = 4 * 1024 * 1024;
 /// A batch buffer that grew past this is given back after use.
 const KEEP_CAPACITY: usize = 1024 * 1024;
 
-/// The installed sink, for the access log's own fast path ([`crate::accesslog`]).
+/// The installed sink, for the access log's own fast path (the `accesslog` module).
 static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// Installs the global subscriber and the batching sink. Fails if a subscriber is already

@@ -22,14 +22,52 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::body::{ProxyBody, UpstreamBody};
-use crate::config::UpstreamConfig;
+use crate::body::ProxyBody;
 use crate::error::{GatewayError, Phase};
+use crate::secret::print;
 
 mod lane;
 mod single;
 
+/// `[upstream]`: where requests go and how long each phase may take.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UpstreamConfig {
+    /// `https://host[:port]`, no path.
+    #[serde(serialize_with = "print::uri")]
+    pub url: http::Uri,
+    #[serde(
+        serialize_with = "print::opt_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Extra trusted roots: `ca_file`'s certificates (tests and the demo add their own).
+    #[serde(skip)]
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    #[serde(serialize_with = "print::duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "print::duration")]
+    pub tls_timeout: Duration,
+    #[serde(serialize_with = "print::duration")]
+    pub request_timeout: Duration,
+    /// Longest silence while the upstream streams a response body.
+    #[serde(serialize_with = "print::duration")]
+    pub body_timeout: Duration,
+    /// Offer HTTP/2 in ALPN (used when the upstream accepts it); HTTP/1.1 keep-alive otherwise.
+    pub http2: bool,
+    /// With `http2`: while a worker serves a single HTTP/1.x client connection, which sends one
+    /// request at a time, its requests go over HTTP/1.1 keep-alive, which costs both ends less
+    /// per request than an HTTP/2 stream when there is nothing to multiplex.
+    pub http1_for_single_client: bool,
+    #[serde(serialize_with = "print::duration")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
 pub use lane::H2Body;
+
+/// An upstream response body: from hyper-util's pooled client or the direct HTTP/1.1
+/// connection (left) or from the direct HTTP/2 lane (right).
+pub type UpstreamBody = http_body_util::Either<hyper::body::Incoming, H2Body>;
 use lane::{Lane, Sent};
 
 type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;

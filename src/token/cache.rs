@@ -14,8 +14,8 @@ use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
 
+use super::{AppConfig, TokenConfig};
 use crate::clock::{Clock, LastUse};
-use crate::config::{AppConfig, TokenConfig};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 
@@ -582,7 +582,7 @@ mod tests {
             name: "default".into(),
             app_id: "app".into(),
             app_key: SecretString::from("key".to_owned()),
-            key_source: crate::config::KeySource::Inline,
+            key_source: crate::secret::KeySource::Inline,
             corp_id: None,
             user_id: String::new(),
         })

@@ -1,6 +1,7 @@
 //! Upstream identities' tokens: appauth signing, the token cache and its refresh.
 
 mod cache;
+mod settings;
 mod shared;
 pub mod sign;
 mod signin;
@@ -9,5 +10,6 @@ pub use cache::{
     backoff, freshness, schedule, Authenticator, Freshness, Grant, SignInError, SignInFuture, Slot,
     Token, TokenCache, TokenKey, TokenStats,
 };
+pub use settings::{AppConfig, TokenConfig};
 pub use shared::SharedAuthenticator;
 pub use signin::{nonce, UpstreamAuthenticator, APPAUTH_PATH};

@@ -10,9 +10,9 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use super::cache::{Authenticator, Grant, SignInError, SignInFuture};
+use super::{AppConfig, TokenConfig};
 use crate::clock::Clock;
 use crate::cluster::{Cluster, SharedToken};
-use crate::config::{AppConfig, TokenConfig};
 
 /// How many refused tokens are remembered, so a replica never takes one back from Redis.
 const DEAD_TOKENS: usize = 1024;

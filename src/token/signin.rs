@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::cache::{Authenticator, Grant, SignInError, SignInFuture};
 use super::sign::{authorization_header, SignInput};
+use super::AppConfig;
 use crate::body::ProxyBody;
 use crate::clock::Clock;
-use crate::config::AppConfig;
 use crate::error::retry_after_secs;
 use crate::operations::{OperationId, OperationTable};
 use crate::quota::{BucketKey, QuotaManager, Refused};
