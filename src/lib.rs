@@ -13,6 +13,7 @@ pub mod demo;
 pub mod error;
 pub mod framing;
 pub mod headers;
+pub mod limits;
 pub mod metrics;
 pub mod operations;
 pub mod proxy;
@@ -24,6 +25,7 @@ pub mod server;
 pub mod session;
 pub mod simulator;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 pub mod upstream;
 pub mod workers;
@@ -105,7 +107,7 @@ pub async fn serve(
         shutdown.await;
         gw.begin_shutdown();
     };
-    let tls = match config.tls.as_ref().map(server::Tls::new) {
+    let tls = match config.tls.as_ref().map(tls::Tls::new) {
         Some(Ok(tls)) => Some(tls),
         Some(Err(e)) => {
             tracing::error!(error = %e, "TLS configuration unusable; serving nothing");

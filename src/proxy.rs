@@ -696,7 +696,7 @@ impl Gateway {
         out: &mut Outbound,
         upstream: &Upstream,
         ctx: &mut RequestCtx,
-        limits: &crate::server::LimitsConfig,
+        limits: &crate::limits::LimitsConfig,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let sent = Instant::now();
         let result = match &mut out.body {

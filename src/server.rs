@@ -13,82 +13,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use serde::Serialize;
-
 use crate::framing::FramingWatch;
-use crate::secret::print;
+use crate::limits::LimitsConfig;
+use crate::tls::Tls;
 
 use crate::proxy::Gateway;
 use crate::workers::Workers;
-
-/// `[limits]`: what one client, connection or request may take of the gateway.
-#[derive(Debug, Clone, Serialize)]
-pub struct LimitsConfig {
-    /// Request bodies up to this size are buffered so a request can be replayed.
-    pub replay_body_bytes: usize,
-    /// Larger request bodies get 413.
-    pub max_body_bytes: usize,
-    /// Longest wait for a request's headers, and so for an idle keep-alive connection.
-    #[serde(serialize_with = "print::duration")]
-    pub header_read_timeout: Duration,
-    /// Most bytes of request headers (431 beyond).
-    pub max_header_bytes: usize,
-    /// Most request header fields (431 beyond).
-    pub max_headers: usize,
-    /// Most open client connections; more get 503 and are closed.
-    pub max_connections: usize,
-    /// Most requests handled at once; more get 503 at once.
-    pub max_concurrent_requests: usize,
-}
-
-/// `[tls]`: the proxy listener's certificate (the SDKs sign in only over HTTPS).
-#[derive(Clone, Serialize)]
-pub struct TlsConfig {
-    #[serde(serialize_with = "print::path")]
-    pub cert_file: std::path::PathBuf,
-    #[serde(serialize_with = "print::path")]
-    pub key_file: std::path::PathBuf,
-    #[serde(skip)]
-    pub certs: Vec<rustls_pki_types::CertificateDer<'static>>,
-    #[serde(skip)]
-    pub key: Arc<rustls_pki_types::PrivateKeyDer<'static>>,
-    #[serde(serialize_with = "print::duration")]
-    pub handshake_timeout: Duration,
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .field("key", &crate::secret::REDACTED)
-            .finish()
-    }
-}
-
-/// TLS on the proxy listener.
-#[derive(Clone)]
-pub struct Tls {
-    pub acceptor: tokio_rustls::TlsAcceptor,
-    pub handshake_timeout: Duration,
-}
-
-impl Tls {
-    /// rustls (ring) with ALPN h2 and http/1.1.
-    pub fn new(cfg: &TlsConfig) -> Result<Tls, rustls::Error> {
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(cfg.certs.clone(), cfg.key.clone_key())?;
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Tls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-            handshake_timeout: cfg.handshake_timeout,
-        })
-    }
-}
 
 /// Serves `listener` until `shutdown` resolves, then lets in-flight requests finish for up to
 /// `grace`. Connections are accepted here and served on `workers`, in turn. Returns whether

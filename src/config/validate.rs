@@ -16,12 +16,13 @@ use super::raw::*;
 use super::Config;
 use crate::access::{ClientConfig, Patterns, SdkCredential};
 use crate::cluster::ClusterConfig;
+use crate::limits::LimitsConfig;
 use crate::operations::OperationTable;
 use crate::quota::{LimitKind, OpQuota, QuotaConfig, QuotaMode, QuotaScope};
 use crate::sdk::SdkConfig;
 use crate::secret::{redact_url, KeySource};
-use crate::server::{LimitsConfig, TlsConfig};
 use crate::telemetry::{LogConfig, LogFormat};
+use crate::tls::{Tls, TlsConfig};
 use crate::token::{AppConfig, TokenConfig};
 use crate::upstream::UpstreamConfig;
 
@@ -617,31 +618,24 @@ fn validate_tls(c: &mut Checker, t: RawTls) -> Option<TlsConfig> {
             return None;
         }
     };
-    // Build the server configuration once here, so a key that does not match its certificate
-    // is a configuration error, not a listener that fails every handshake.
-    let check = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .and_then(|b| {
-        b.with_no_client_auth()
-            .with_single_cert(certs.clone(), key.clone_key())
-    });
-    if let Err(e) = check {
-        c.problem(
-            "tls.key_file",
-            quoted(&key_file.display().to_string()),
-            format!("unusable with tls.cert_file ({e})"),
-        );
-        return None;
-    }
-    Some(TlsConfig {
+    let tls = TlsConfig {
         cert_file,
         key_file,
         certs,
         key: Arc::new(key),
         handshake_timeout,
-    })
+    };
+    // Build the acceptor once here, so a key that does not match its certificate is a
+    // configuration error, not a listener that fails every handshake.
+    if let Err(e) = Tls::new(&tls) {
+        c.problem(
+            "tls.key_file",
+            quoted(&tls.key_file.display().to_string()),
+            format!("unusable with tls.cert_file ({e})"),
+        );
+        return None;
+    }
+    Some(tls)
 }
 
 fn validate_upstream(c: &mut Checker, u: RawUpstream) -> UpstreamConfig {

@@ -12,6 +12,7 @@ mod logs;
 mod operate;
 mod quota;
 mod secrets;
+mod shape;
 mod soak;
 mod support;
 mod tokens;
