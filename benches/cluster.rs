@@ -30,7 +30,7 @@ fn cpu_of(pid: u32) -> Duration {
 async fn post(client: &HttpClient, addr: std::net::SocketAddr) -> bool {
     let req = http::Request::post(format!("http://{addr}/v1/mmc/management/conferences/start"))
         .body(Full::new(Bytes::from_static(
-            br#"{"conferenceID":"1","password":"p"}"#,
+            br#"{"conferenceID":"914087436","password":"123456"}"#,
         )))
         .expect("request");
     matches!(client.request(req).await, Ok(r) if r.status() == 200)

@@ -36,7 +36,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn post(client: &HttpClient, addr: std::net::SocketAddr) -> u16 {
     let req = http::Request::post(format!("http://{addr}/v1/mmc/management/conferences/start"))
         .body(Full::new(Bytes::from_static(
-            br#"{"conferenceID":"1","password":"p"}"#,
+            br#"{"conferenceID":"914087436","password":"123456"}"#,
         )))
         .expect("request");
     match client.request(req).await {

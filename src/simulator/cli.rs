@@ -29,6 +29,9 @@ pub struct SimulateArgs {
     /// Lifetime of issued access tokens, e.g. "12h" or "30s".
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub token_lifetime: Option<Duration>,
+    /// Lifetime of meeting-control tokens, e.g. "30m" or "5s".
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub conf_token_lifetime: Option<Duration>,
     /// Write the PEM that clients must trust to this file.
     #[arg(long, value_name = "FILE")]
     pub write_ca: Option<PathBuf>,
@@ -101,6 +104,9 @@ fn build_config(
     }
     if let Some(d) = args.token_lifetime {
         config.token_lifetime = d;
+    }
+    if let Some(d) = args.conf_token_lifetime {
+        config.conf_token_lifetime = d;
     }
     for spec in &args.apps {
         config.apps.push(parse_app(spec, &env)?);

@@ -38,6 +38,11 @@ pub struct SimConfig {
     /// Offer HTTP/2 in ALPN; `false` serves HTTP/1.1 only, like an upstream behind an
     /// HTTP/1.1-only load balancer.
     pub http2: bool,
+    /// Meetings that exist from the start (`[[meetings]]`); by default the demo meeting.
+    pub meetings: Vec<SimMeeting>,
+    /// Lifetime of meeting-control tokens (`confTokenExpireTime`; 30 min upstream).
+    #[serde(with = "humantime_serde")]
+    pub conf_token_lifetime: Duration,
 }
 
 impl Default for SimConfig {
@@ -54,7 +59,50 @@ impl Default for SimConfig {
             latency: Duration::ZERO,
             record_bodies: true,
             http2: true,
+            meetings: vec![SimMeeting::demo()],
+            conf_token_lifetime: Duration::from_secs(1800),
         }
+    }
+}
+
+/// A meeting that exists when the simulator starts, scheduled (not started) and usable by
+/// every app. `Debug` redacts the passwords.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimMeeting {
+    pub conference_id: String,
+    /// The host password (`chair` in `passwordEntry`).
+    pub chair_password: String,
+    /// The guest password (`general`).
+    #[serde(default)]
+    pub guest_password: String,
+    /// Whether the guest password may start the meeting (`allowGuestStartConf`).
+    #[serde(default)]
+    pub allow_guest_start: bool,
+    #[serde(default)]
+    pub subject: String,
+}
+
+impl SimMeeting {
+    /// The meeting the demo and the examples use: 914087436, host password 123456, guest
+    /// password 654321.
+    pub fn demo() -> SimMeeting {
+        SimMeeting {
+            conference_id: "914087436".to_owned(),
+            chair_password: "123456".to_owned(),
+            guest_password: "654321".to_owned(),
+            allow_guest_start: false,
+            subject: "meetgate demo".to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SimMeeting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimMeeting")
+            .field("conference_id", &self.conference_id)
+            .field("allow_guest_start", &self.allow_guest_start)
+            .finish_non_exhaustive()
     }
 }
 
@@ -243,6 +291,30 @@ mod tests {
         assert_eq!(c.tls, SimTls::default());
         assert_eq!(c.listen.port(), 0);
         assert!(c.record_bodies);
+        assert_eq!(c.conf_token_lifetime, Duration::from_secs(1800));
+        assert_eq!(c.meetings.len(), 1);
+        assert_eq!(c.meetings[0].conference_id, "914087436");
+    }
+
+    #[test]
+    fn meetings_are_configured_and_their_passwords_never_printed() {
+        let c = parse(
+            r#"
+            conf_token_lifetime = "10s"
+            [[meetings]]
+            conference_id = "900000001"
+            chair_password = "host-pw-1"
+            guest_password = "guest-pw-1"
+            allow_guest_start = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.conf_token_lifetime, Duration::from_secs(10));
+        assert_eq!(c.meetings.len(), 1, "a configured list replaces the demo meeting");
+        assert!(c.meetings[0].allow_guest_start);
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("host-pw-1") && !debug.contains("guest-pw-1"));
+        assert!(parse("[[meetings]]\nconference_id = \"1\"").is_err(), "a host password is required");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
 use super::limits::{Remain, Verdict};
+use super::meetings::MeetingError;
 use super::routes::{Kind, Route, Routes};
 use super::state::{
     ceil_secs, epoch_ms, random_token, FaultStage, IssueRequest, State, TokenKey, TokenRecord,
@@ -27,7 +28,6 @@ use super::{DebugHeaders, Fault, RecordedRequest, SimApp, SimConfig, SimError};
 use crate::token::sign::{access_value, parse_authorization, verify, SignInput};
 
 const MAX_BODY: usize = 10 * 1024 * 1024;
-const CONF_TOKEN_LIFETIME: Duration = Duration::from_secs(1800);
 const JSON_UTF8: &str = "application/json;charset=UTF-8";
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -91,6 +91,25 @@ pub(crate) fn validate(config: &SimConfig) -> Result<(), SimError> {
         return Err(SimError::Config(
             "token_lifetime must not be zero".to_owned(),
         ));
+    }
+    if config.conf_token_lifetime.is_zero() {
+        return Err(SimError::Config(
+            "conf_token_lifetime must not be zero".to_owned(),
+        ));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for m in &config.meetings {
+        if m.conference_id.is_empty() || m.chair_password.is_empty() {
+            return Err(SimError::Config(
+                "meetings: conference_id and chair_password must not be empty".to_owned(),
+            ));
+        }
+        if !ids.insert(m.conference_id.as_str()) {
+            return Err(SimError::Config(format!(
+                "meetings: conference_id {:?} appears twice",
+                m.conference_id
+            )));
+        }
     }
     for (name, limit) in [
         ("limits.per_api", config.limits.per_api),
@@ -232,7 +251,7 @@ impl Sim {
             .iter()
             .map(|a| (a.app_id.clone(), a.clone()))
             .collect();
-        let state = State::new(config.token_lifetime, config.limits.clone(), Instant::now());
+        let state = State::new(&config, Instant::now());
         Ok(Self {
             routes: Routes::load(),
             apps,
@@ -325,7 +344,13 @@ impl Sim {
                     Kind::RefreshToken => Ok(self.refresh_token(&parts)),
                     Kind::ValidateToken => Ok(self.validate_token(&body)),
                     Kind::DeleteToken => Ok(self.delete_token(&parts)),
-                    Kind::ConfToken | Kind::StartMeeting | Kind::Control | Kind::Business => {
+                    Kind::ConfToken
+                    | Kind::StartMeeting
+                    | Kind::CreateMeeting
+                    | Kind::StopMeeting
+                    | Kind::WsToken
+                    | Kind::Control
+                    | Kind::Business => {
                         self.business(route, &parts, &body, request_id.as_deref(), &mut trace)
                             .await
                     }
@@ -714,7 +739,7 @@ impl Sim {
         let now = Instant::now();
         let after_admission = {
             let mut st = self.lock();
-            let app = match self.authenticate(&mut st, route.kind, &parts.headers, now) {
+            let app = match self.authenticate(&mut st, route.kind, parts, now) {
                 Ok(app) => app,
                 Err(reply) => return Ok(reply),
             };
@@ -786,8 +811,18 @@ impl Sim {
         }
 
         let reply = match route.kind {
-            Kind::StartMeeting => start_meeting(body),
+            Kind::StartMeeting => self.start_meeting(body, &app),
+            Kind::CreateMeeting => self.create_meeting(body, &app),
             Kind::ConfToken => self.conf_token(parts, &app),
+            Kind::StopMeeting => {
+                self.lock().meetings.stop(&conference_id(parts));
+                Reply::json(StatusCode::OK, &json!({}))
+            }
+            // One-time, valid for a minute; nothing in the simulator consumes it.
+            Kind::WsToken => Reply::json(
+                StatusCode::OK,
+                &json!({ "webSocketToken": random_token(48) }),
+            ),
             _ => Reply::json(
                 StatusCode::OK,
                 &json!({
@@ -804,33 +839,33 @@ impl Sim {
         Ok(reply)
     }
 
-    /// The app a business request acts for, or the 401 to answer.
+    /// The app a business request acts for, or the answer that refuses it.
     fn authenticate(
         &self,
         st: &mut State,
         kind: Kind,
-        headers: &HeaderMap,
+        parts: &Parts,
         now: Instant,
     ) -> Result<String, Reply> {
+        let headers = &parts.headers;
         let access_app = |st: &mut State| {
             header_str(headers, &X_ACCESS_TOKEN)
                 .and_then(|t| st.tokens.get(t, now))
                 .map(|r| r.key.app.clone())
         };
+        if kind.is_control() {
+            let presented = header_str(headers, &X_CONF_AUTH).map(conf_token_value);
+            return st
+                .meetings
+                .check(
+                    presented.as_deref().unwrap_or(""),
+                    &conference_id(parts),
+                    now,
+                )
+                .map(str::to_owned)
+                .map_err(meeting_error);
+        }
         match kind {
-            Kind::Control => {
-                let presented = header_str(headers, &X_CONF_AUTH).map(conf_token_value);
-                presented
-                    .and_then(|t| st.conf_tokens.get(&t, now))
-                    .map(|c| c.app.clone())
-                    .ok_or_else(|| {
-                        Reply::error(
-                            StatusCode::UNAUTHORIZED,
-                            "SIM.CONF_TOKEN_INVALID",
-                            "X-Conference-Authorization missing, unknown or expired",
-                        )
-                    })
-            }
             // Authenticated by the host password; the Java SDK sends no access token here.
             Kind::ConfToken => Ok(access_app(st).unwrap_or_default()),
             _ => access_app(st).ok_or_else(Reply::token_invalid),
@@ -838,8 +873,7 @@ impl Sim {
     }
 
     fn conf_token(&self, parts: &Parts, app: &str) -> Reply {
-        let conference_id =
-            query_param(parts.uri.query().unwrap_or(""), "conferenceID").unwrap_or_default();
+        let conference_id = conference_id(parts);
         let password = header_str(&parts.headers, &X_PASSWORD).unwrap_or("");
         if header_str(&parts.headers, &X_LOGIN_TYPE) != Some("1") {
             return Reply::error(
@@ -848,19 +882,32 @@ impl Sim {
                 "X-Login-Type must be 1",
             );
         }
-        if conference_id.is_empty() || password.is_empty() || password == "bad" {
-            return Reply::error(StatusCode::BAD_REQUEST, CONF_NOT_FOUND.0, CONF_NOT_FOUND.1);
-        }
+        let presented = header_str(&parts.headers, &X_CONF_AUTH).map(conf_token_value);
         let now = Instant::now();
-        let token = self.lock().conf_tokens.issue(app, CONF_TOKEN_LIFETIME, now);
+        let issued = {
+            let mut st = self.lock();
+            let lifetime = st.conf_token_lifetime;
+            st.meetings.control_token(
+                app,
+                &conference_id,
+                presented.as_deref(),
+                password,
+                lifetime,
+                now,
+            )
+        };
+        let issued = match issued {
+            Ok(i) => i,
+            Err(e) => return meeting_error(e),
+        };
         let ip = self.addr.ip();
         Reply::json(
             StatusCode::OK,
             &json!({
                 "data": {
-                    "token": token,
-                    "expireTime": epoch_ms() + CONF_TOKEN_LIFETIME.as_millis() as u64,
-                    "confTokenExpireTime": CONF_TOKEN_LIFETIME.as_secs(),
+                    "token": issued.token,
+                    "expireTime": epoch_ms() + issued.remaining.as_millis() as u64,
+                    "confTokenExpireTime": ceil_secs(issued.remaining),
                     "tmpWsToken": random_token(32),
                     "wsURL": format!("wss://{}/cms/open/websocket/confctl/increment/conn?confID={conference_id}", self.addr),
                     "role": 1,
@@ -874,28 +921,74 @@ impl Sim {
             }),
         )
     }
+
+    fn start_meeting(&self, body: &Bytes, app: &str) -> Reply {
+        let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "SIM.BAD_REQUEST",
+                "body must be a JSON object",
+            );
+        };
+        let field = |name: &str| req.get(name).and_then(Value::as_str).unwrap_or("");
+        match self
+            .lock()
+            .meetings
+            .start(app, field("conferenceID"), field("password"))
+        {
+            Ok(()) => Reply::json(
+                StatusCode::OK,
+                &json!({ "uuid": uuid::Uuid::new_v4().to_string(), "regionIP": "127.0.0.1" }),
+            ),
+            Err(e) => meeting_error(e),
+        }
+    }
+
+    fn create_meeting(&self, body: &Bytes, app: &str) -> Reply {
+        let req = match serde_json::from_slice::<Value>(body) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) | Err(_) if body.is_empty() => json!({}),
+            _ => {
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    "SIM.BAD_REQUEST",
+                    "body must be a JSON object",
+                )
+            }
+        };
+        let created = self.lock().meetings.create(app, &req);
+        Reply::json(StatusCode::OK, &created)
+    }
 }
 
-fn start_meeting(body: &Bytes) -> Reply {
-    let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
-        return Reply::error(
+/// The `conferenceID` query parameter every meeting-control API takes.
+fn conference_id(parts: &Parts) -> String {
+    query_param(parts.uri.query().unwrap_or(""), "conferenceID").unwrap_or_default()
+}
+
+/// The upstream's answer to a refused meeting call (codes that are ours are marked in
+/// [`MeetingError`]).
+fn meeting_error(e: MeetingError) -> Reply {
+    match e {
+        MeetingError::NotFoundOrAuthFailed => {
+            Reply::error(StatusCode::BAD_REQUEST, CONF_NOT_FOUND.0, CONF_NOT_FOUND.1)
+        }
+        MeetingError::NotStarted => Reply::error(
             StatusCode::BAD_REQUEST,
-            "SIM.BAD_REQUEST",
-            "body must be a JSON object",
-        );
-    };
-    let conference_id = req
-        .get("conferenceID")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let password = req.get("password").and_then(Value::as_str).unwrap_or("");
-    if conference_id.is_empty() || password == "bad" {
-        return Reply::error(StatusCode::BAD_REQUEST, CONF_NOT_FOUND.0, CONF_NOT_FOUND.1);
+            "SIM.CONF_NOT_STARTED",
+            "the meeting has not been started",
+        ),
+        MeetingError::TokenInvalid => Reply::error(
+            StatusCode::UNAUTHORIZED,
+            "SIM.CONF_TOKEN_INVALID",
+            "X-Conference-Authorization missing, unknown or expired",
+        ),
+        MeetingError::TokenMismatch => Reply::error(
+            StatusCode::FORBIDDEN,
+            "SIM.CONF_TOKEN_MISMATCH",
+            "X-Conference-Authorization belongs to another meeting",
+        ),
     }
-    Reply::json(
-        StatusCode::OK,
-        &json!({ "uuid": uuid::Uuid::new_v4().to_string(), "regionIP": "127.0.0.1" }),
-    )
 }
 
 /// `X-Conference-Authorization` is the raw token or `Basic base64(token)`.

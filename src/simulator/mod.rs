@@ -27,6 +27,7 @@ mod cli;
 mod config;
 mod handlers;
 mod limits;
+mod meetings;
 mod routes;
 mod server;
 mod state;
@@ -45,7 +46,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use cli::{run_cli, SimulateArgs};
-pub use config::{DebugHeaders, SimApp, SimConfig, SimLimit, SimLimits, SimTls, WindowKind};
+pub use config::{
+    DebugHeaders, SimApp, SimConfig, SimLimit, SimLimits, SimMeeting, SimTls, WindowKind,
+};
+pub use meetings::{ControlStats, MeetingState};
 
 use handlers::Sim;
 
@@ -294,6 +298,32 @@ impl SimHandle {
     /// Lifetime of tokens issued from now on.
     pub fn set_token_lifetime(&self, d: Duration) {
         self.sim.lock().token_lifetime = d;
+    }
+
+    /// Lifetime of control tokens issued or kept alive from now on.
+    pub fn set_conf_token_lifetime(&self, d: Duration) {
+        self.sim.lock().conf_token_lifetime = d;
+    }
+
+    /// Server-side revocation of every meeting-control token: later control calls with them
+    /// get 401 `SIM.CONF_TOKEN_INVALID`.
+    pub fn revoke_conf_tokens(&self) {
+        self.sim.lock().meetings.revoke_tokens();
+    }
+
+    /// Calls to `conferences/token`, new tokens issued and keep-alives.
+    pub fn control_stats(&self) -> ControlStats {
+        self.sim.lock().meetings.stats
+    }
+
+    /// Where a meeting is in its life; `None` when it never existed.
+    pub fn meeting_state(&self, conference_id: &str) -> Option<MeetingState> {
+        self.sim.lock().meetings.state(conference_id)
+    }
+
+    /// A meeting's (host, guest) passwords, as its creator got them.
+    pub fn meeting_passwords(&self, conference_id: &str) -> Option<(String, String)> {
+        self.sim.lock().meetings.passwords(conference_id)
     }
 
     /// How many times each `X-Request-ID` was processed by a business handler (it passed auth

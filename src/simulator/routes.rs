@@ -16,6 +16,12 @@ pub(crate) enum Kind {
     /// `GET /v1/mmc/control/conferences/token`: host password instead of a control token.
     ConfToken,
     StartMeeting,
+    /// `POST /v1/mmc/management/conferences`: creates a meeting.
+    CreateMeeting,
+    /// `PUT /v1/mmc/control/conferences/stop`: a control API that ends the meeting.
+    StopMeeting,
+    /// `GET /v1/mmc/control/conferences/wsToken`: a control API that returns a one-time token.
+    WsToken,
     /// A control API that authenticates with `X-Conference-Authorization`.
     Control,
     /// Everything else: `X-Access-Token`.
@@ -27,8 +33,19 @@ impl Kind {
     pub(crate) fn is_business(self) -> bool {
         matches!(
             self,
-            Kind::ConfToken | Kind::StartMeeting | Kind::Control | Kind::Business
+            Kind::ConfToken
+                | Kind::StartMeeting
+                | Kind::CreateMeeting
+                | Kind::StopMeeting
+                | Kind::WsToken
+                | Kind::Control
+                | Kind::Business
         )
+    }
+
+    /// Control APIs: authenticated by a meeting's control token.
+    pub(crate) fn is_control(self) -> bool {
+        matches!(self, Kind::StopMeeting | Kind::WsToken | Kind::Control)
     }
 }
 
@@ -90,6 +107,9 @@ impl Routes {
                 (_, "POST", "/v1/usg/acs/token/validate") => Kind::ValidateToken,
                 (_, "GET", "/v1/mmc/control/conferences/token") => Kind::ConfToken,
                 (_, "POST", "/v1/mmc/management/conferences/start") => Kind::StartMeeting,
+                (_, "POST", "/v1/mmc/management/conferences") => Kind::CreateMeeting,
+                (_, "PUT", "/v1/mmc/control/conferences/stop") => Kind::StopMeeting,
+                (_, "GET", "/v1/mmc/control/conferences/wsToken") => Kind::WsToken,
                 // The TSV's header column says which control APIs take a control token;
                 // the few /v1/mmc/control paths without it (inviteWithPwd,
                 // queryMgmtSiteStatus) authenticate like any other API.

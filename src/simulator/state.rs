@@ -1,4 +1,4 @@
-//! The simulator's mutable state: tokens, nonces, control tokens, faults and the logs tests read.
+//! The simulator's mutable state: tokens, nonces, meetings, faults and the logs tests read.
 //!
 //! Every collection here has a cap or is swept, so a long-running simulator stays bounded.
 
@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::limits::Limiter;
+use super::meetings::Meetings;
 use super::{Fault, RecordedRequest, SimLimits};
 
 /// Cap for each log and store (request log, admission log per route, tokens, nonces per app, ...).
@@ -217,47 +218,6 @@ impl NonceMemory {
     }
 }
 
-pub(crate) struct ConfToken {
-    pub(crate) app: String,
-    expires_at: Instant,
-}
-
-/// Meeting-control tokens issued by `conferences/token`.
-#[derive(Default)]
-pub(crate) struct ConfTokens {
-    tokens: HashMap<String, ConfToken>,
-    order: VecDeque<String>,
-}
-
-impl ConfTokens {
-    pub(crate) fn issue(&mut self, app: &str, lifetime: Duration, now: Instant) -> String {
-        while self
-            .order
-            .front()
-            .is_some_and(|t| self.tokens.get(t).is_none_or(|c| c.expires_at <= now))
-            || self.order.len() >= CAP
-        {
-            if let Some(old) = self.order.pop_front() {
-                self.tokens.remove(&old);
-            }
-        }
-        let token = random_token(64);
-        self.tokens.insert(
-            token.clone(),
-            ConfToken {
-                app: app.to_owned(),
-                expires_at: now + lifetime,
-            },
-        );
-        self.order.push_back(token.clone());
-        token
-    }
-
-    pub(crate) fn get(&self, token: &str, now: Instant) -> Option<&ConfToken> {
-        self.tokens.get(token).filter(|c| c.expires_at > now)
-    }
-}
-
 /// A queued fault and how many more requests it applies to.
 pub(crate) struct QueuedFault {
     pub(crate) fault: Fault,
@@ -346,7 +306,8 @@ pub(crate) struct State {
     pub(crate) limiter: Limiter,
     pub(crate) tokens: TokenStore,
     pub(crate) nonces: HashMap<String, NonceMemory>,
-    pub(crate) conf_tokens: ConfTokens,
+    pub(crate) meetings: Meetings,
+    pub(crate) conf_token_lifetime: Duration,
     pub(crate) requests: RequestLog,
     faults: VecDeque<QueuedFault>,
     /// Admission timestamps per operation, for `max_in_any_window`.
@@ -358,14 +319,15 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn new(token_lifetime: Duration, limits: SimLimits, start: Instant) -> Self {
+    pub(crate) fn new(config: &super::SimConfig, start: Instant) -> Self {
         Self {
-            token_lifetime,
-            limits,
+            token_lifetime: config.token_lifetime,
+            limits: config.limits.clone(),
             limiter: Limiter::new(start),
             tokens: TokenStore::default(),
             nonces: HashMap::new(),
-            conf_tokens: ConfTokens::default(),
+            meetings: Meetings::new(&config.meetings),
+            conf_token_lifetime: config.conf_token_lifetime,
             requests: RequestLog::default(),
             faults: VecDeque::new(),
             admissions: HashMap::new(),
@@ -520,7 +482,7 @@ mod tests {
 
     #[test]
     fn faults_apply_count_times_per_stage() {
-        let mut st = State::new(Duration::from_secs(1), SimLimits::default(), Instant::now());
+        let mut st = State::new(&super::super::SimConfig::default(), Instant::now());
         st.push_fault(Fault::Delay {
             delay: Duration::ZERO,
             count: 1,

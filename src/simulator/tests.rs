@@ -419,11 +419,12 @@ async fn business_calls_need_a_live_token_and_are_recorded() {
         )
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["operation"], "create_meeting");
-    assert_eq!(
-        r.json()["echo"],
-        serde_json::from_str::<Value>(body).unwrap()
-    );
+    // The upstream's shape: an array of one ConferenceInfo, with the subject sent.
+    let created = &r.json()[0];
+    assert_eq!(created["subject"], "caf\u{e9}");
+    assert_eq!(created["length"], 60);
+    assert_eq!(created["conferenceState"], "Schedule");
+    assert_eq!(created["passwordEntry"][0]["conferenceRole"], "chair");
     assert_eq!(r.header("x-request-id"), Some("rid-1"));
     assert_eq!(
         r.header("x-apig-ratelimit-api"),
@@ -686,6 +687,103 @@ async fn meetings_start_and_control_tokens() {
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert_eq!(r.json()["operation"], "lock_meeting");
     }
+}
+
+#[tokio::test]
+async fn a_created_meeting_lives_through_start_control_and_stop() {
+    let sim = sim_with(SimConfig {
+        conf_token_lifetime: Duration::from_secs(5),
+        ..SimConfig::default()
+    })
+    .await;
+    let c = client(&sim, false);
+    let token = c.token().await;
+    let r = c
+        .call(Method::POST, CREATE, &token, r#"{"subject":"weekly"}"#)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let id = r.json()[0]["conferenceID"].as_str().unwrap().to_owned();
+    let host = r.json()[0]["passwordEntry"][0]["password"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let guest = r.json()[0]["passwordEntry"][1]["password"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(sim.meeting_state(&id), Some(MeetingState::Scheduled));
+    let token_path = format!("/v1/mmc/control/conferences/token?conferenceID={id}");
+    let get_token = |password: &str| {
+        let password = password.to_owned();
+        let path = token_path.clone();
+        let c = &c;
+        async move {
+            let headers = [("x-password", password.as_str()), ("x-login-type", "1")];
+            c.send(Method::GET, &path, &headers, "").await
+        }
+    };
+    // Not started yet: no control token.
+    let r = get_token(&host).await;
+    assert_eq!((r.status, r.code().as_str()), (400, "SIM.CONF_NOT_STARTED"));
+    // The guest password starts only a meeting that allows it.
+    let start = |pw: &str| json!({"conferenceID": id, "password": pw}).to_string();
+    let r = c.call(Method::POST, START, &token, &start(&guest)).await;
+    assert_eq!(r.code(), "MMC.111072065");
+    let r = c.call(Method::POST, START, &token, &start(&host)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.meeting_state(&id), Some(MeetingState::Started));
+    // The guest password gets no control token; the host password does.
+    assert_eq!(get_token(&guest).await.code(), "MMC.111072065");
+    let r = get_token(&host).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["data"]["confTokenExpireTime"], 5);
+    let ctl = r.json()["data"]["token"].as_str().unwrap().to_owned();
+
+    // Bound to its meeting.
+    let lock = |conf: &str| format!("/v1/mmc/control/conferences/lock?conferenceID={conf}");
+    let auth = [("x-conference-authorization", ctl.as_str())];
+    let r = c.send(Method::PUT, &lock(&id), &auth, r#"{"isLock":1}"#).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .send(Method::PUT, &lock("914087436"), &auth, r#"{"isLock":1}"#)
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (403, "SIM.CONF_TOKEN_MISMATCH"));
+    let ws = format!("/v1/mmc/control/conferences/wsToken?conferenceID={id}");
+    let r = c.send(Method::GET, &ws, &auth, "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["webSocketToken"].is_string());
+
+    // A keep-alive returns the same token, without checking the password.
+    let r = c
+        .send(
+            Method::GET,
+            &token_path,
+            &[
+                ("x-conference-authorization", ctl.as_str()),
+                ("x-password", "anything"),
+                ("x-login-type", "1"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(r.json()["data"]["token"], ctl.as_str());
+    assert_eq!(
+        sim.control_stats(),
+        ControlStats {
+            token_requests: 4,
+            issued: 1,
+            keepalives: 1
+        }
+    );
+
+    // Stop ends the meeting and its token.
+    let stop = format!("/v1/mmc/control/conferences/stop?conferenceID={id}");
+    let r = c.send(Method::PUT, &stop, &auth, "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.meeting_state(&id), Some(MeetingState::Ended));
+    let r = c.send(Method::PUT, &lock(&id), &auth, r#"{"isLock":1}"#).await;
+    assert_eq!((r.status, r.code().as_str()), (401, "SIM.CONF_TOKEN_INVALID"));
+    assert_eq!(get_token(&host).await.code(), "MMC.111072065");
 }
 
 #[tokio::test]

@@ -134,7 +134,7 @@ async fn host_and_absolute_uri_cannot_redirect_the_gateway() {
             Method::POST,
             START,
             &[("host", "evil.example:443")],
-            br#"{"conferenceID":"1","password":"p"}"#,
+            br#"{"conferenceID":"914087436","password":"123456"}"#,
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
@@ -150,6 +150,16 @@ async fn host_and_absolute_uri_cannot_redirect_the_gateway() {
 async fn get_with_query_and_control_token_headers() {
     let sim = default_sim().await;
     let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    // Control tokens are issued for a meeting in progress only.
+    let r = gw
+        .request(
+            Method::POST,
+            START,
+            &[],
+            br#"{"conferenceID":"914087436","password":"123456"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
     let path = "/v1/mmc/control/conferences/token?conferenceID=914087436";
     let r = gw
         .request(
@@ -173,7 +183,7 @@ async fn h2c_clients_are_served() {
     let client = h2c_client();
     let req = http::Request::post(gw.url(START))
         .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            br#"{"conferenceID":"1","password":"p"}"#,
+            br#"{"conferenceID":"914087436","password":"123456"}"#,
         )))
         .expect("request");
     let resp = client.request(req).await.expect("h2c answer");

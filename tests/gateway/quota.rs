@@ -192,7 +192,7 @@ async fn another_consumer_sharing_the_quota_is_absorbed() {
         let req = http::Request::post(format!("{}{START}", sim.url()))
             .header("x-access-token", token.as_str())
             .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                br#"{"conferenceID":"1","password":"p"}"#,
+                br#"{"conferenceID":"914087436","password":"123456"}"#,
             )))
             .expect("request");
         let resp = direct.request(req).await.expect("direct answer");

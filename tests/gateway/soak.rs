@@ -82,7 +82,7 @@ async fn soak_under_faults_loses_nothing() {
                     http::Method::POST,
                     START,
                     &headers,
-                    br#"{"conferenceID":"1","password":"p"}"#,
+                    br#"{"conferenceID":"914087436","password":"123456"}"#,
                 );
                 // No request may hang: each gets a generous per-request deadline.
                 match tokio::time::timeout(Duration::from_secs(30), req).await {

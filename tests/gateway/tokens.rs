@@ -147,7 +147,7 @@ async fn bodies_over_the_replay_limit_stream_and_are_not_replayed() {
     .await;
     assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
     let big = format!(
-        "{{\"conferenceID\":\"1\",\"password\":\"p\",\"pad\":\"{}\"}}",
+        "{{\"conferenceID\":\"914087436\",\"password\":\"123456\",\"pad\":\"{}\"}}",
         "x".repeat(4096)
     );
     let r = gw.request(Method::POST, START, &[], big.as_bytes()).await;

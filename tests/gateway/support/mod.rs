@@ -594,7 +594,7 @@ pub async fn post_start(
     }
     let req = b
         .body(Full::new(Bytes::from_static(
-            br#"{"conferenceID":"1","password":"p"}"#,
+            br#"{"conferenceID":"914087436","password":"123456"}"#,
         )))
         .expect("request");
     client.request(req).await.expect("an answer")
