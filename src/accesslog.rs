@@ -24,6 +24,10 @@ pub struct Entry<'a> {
     pub client: SocketAddr,
     pub app: &'a str,
     pub user: &'a str,
+    /// The meeting a control call or a start names.
+    pub conference: &'a str,
+    /// Whose control token a control call carried: `meetgate`, `client`, or `-`.
+    pub control_token: &'a str,
     pub total: Duration,
     pub queue_wait: Duration,
     pub token_wait: Duration,
@@ -177,6 +181,8 @@ fn fields(e: &Entry<'_>, style: Style, out: &mut Vec<u8>) {
     style.display(out, "client", |o| push_addr(o, e.client));
     style.string(out, "app", e.app);
     style.string(out, "user", e.user);
+    style.string(out, "conference", e.conference);
+    style.string(out, "control_token", e.control_token);
     for (key, d) in [
         ("total_ms", e.total),
         ("queue_wait_ms", e.queue_wait),
@@ -294,6 +300,8 @@ mod tests {
             client: "127.0.0.1:58186".parse().unwrap(),
             app: "demo",
             user: "",
+            conference: "914087436",
+            control_token: "-",
             total: Duration::from_micros(487),
             queue_wait: Duration::from_micros(2),
             token_wait: Duration::from_micros(1),
@@ -327,7 +335,8 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "2026-11-26T02:40:29.870253Z  INFO meetgate::access: request method=POST \
              path=\"/v1/mmc/management/conferences/start\" operation=\"start_meeting\" status=200 \
-             client=127.0.0.1:58186 app=\"demo\" user=\"\" total_ms=0.487 queue_wait_ms=0.002 \
+             client=127.0.0.1:58186 app=\"demo\" user=\"\" conference=\"914087436\" \
+             control_token=\"-\" total_ms=0.487 queue_wait_ms=0.002 \
              token_wait_ms=0.001 upstream_ms=0.42 request_id=\"6d5ccc484cf44d2182e6dce080a1cb56\" \
              upstream_request_id=\"6d5ccc484cf44d2182e6dce080a1cb56\" apig_latency=\"0\" \
              apig_upstream_latency=\"0\" envoy_upstream_service_time=\"0\" \
@@ -359,7 +368,8 @@ mod tests {
         assert_eq!(v["upstream_ms"], 0.42);
         assert_eq!(v["replayed"], false);
         assert_eq!(v["ratelimit_api"], "remain:99,limit:100,time:1 minute");
-        assert_eq!(v.as_object().unwrap().len(), 26);
+        assert_eq!(v["conference"], "914087436");
+        assert_eq!(v.as_object().unwrap().len(), 28);
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum GatewayError {
     SessionInvalid,
     #[error("the gateway is at its limit of concurrent requests; retry shortly")]
     Overloaded,
+    /// The upstream answered a control-token request with something meetgate cannot use.
+    #[error("no meeting-control token: {0}")]
+    ControlTokenUnusable(&'static str),
 }
 
 /// `Retry-After` in whole seconds, rounded up, at least 1.
@@ -76,7 +79,9 @@ impl GatewayError {
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamUnreachable { .. } | GatewayError::ControlTokenUnusable(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::ShuttingDown | GatewayError::Overloaded => {
@@ -105,6 +110,7 @@ impl GatewayError {
             GatewayError::Unauthenticated(_) => "MEETGATE.UNAUTHENTICATED",
             GatewayError::SessionInvalid => "USG.000000004",
             GatewayError::Overloaded => "MEETGATE.OVERLOADED",
+            GatewayError::ControlTokenUnusable(_) => "MEETGATE.CONTROL_TOKEN_UNAVAILABLE",
         }
     }
 

@@ -13,6 +13,11 @@ pub const X_APIG_RATELIMIT_ALLENV: HeaderName =
     HeaderName::from_static("x-apig-ratelimit-api-allenv");
 pub const X_MEETGATE_APP: HeaderName = HeaderName::from_static("x-meetgate-app");
 pub const X_MEETGATE_USER: HeaderName = HeaderName::from_static("x-meetgate-user");
+/// A meeting's control token (design §3b).
+pub const X_CONFERENCE_AUTHORIZATION: HeaderName =
+    HeaderName::from_static("x-conference-authorization");
+/// A meeting's host password, sent to obtain its control token.
+pub const X_PASSWORD: HeaderName = HeaderName::from_static("x-password");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 

@@ -46,6 +46,14 @@ pub struct QuotaLabels {
     pub source: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControlLabels {
+    /// `acquire` (with the host password) or `keepalive` (with the current token).
+    pub kind: &'static str,
+    /// `ok`, `refused` (the upstream said no) or `failed` (meetgate could not ask).
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms to ~65 s.
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
@@ -67,6 +75,9 @@ pub struct Metrics {
     pub ready: Gauge,
     pub cluster_degraded: Gauge,
     pub cluster_fallbacks: Gauge,
+    pub control_sessions: Gauge,
+    pub control_token_requests: Family<ControlLabels, Counter>,
+    pub control_replays: Counter,
     /// Per operation (by table index): its series, each looked up once. A family lookup takes
     /// the family's read lock, a write to a line every worker shares, and hashes the labels,
     /// on every call; these handles are the same series.
@@ -184,8 +195,29 @@ impl Metrics {
             "Decisions made on local fallbacks because Redis was unreachable (since start)",
             cluster_fallbacks.clone(),
         );
+        let control_sessions = Gauge::default();
+        registry.register(
+            "control_sessions",
+            "Meeting-control sessions held (one per app and conference)",
+            control_sessions.clone(),
+        );
+        let control_token_requests = Family::<ControlLabels, Counter>::default();
+        registry.register(
+            "control_token_requests",
+            "Meeting-control token requests meetgate made, by kind and result",
+            control_token_requests.clone(),
+        );
+        let control_replays = Counter::default();
+        registry.register(
+            "control_replays",
+            "Control calls replayed after the upstream refused meetgate's control token",
+            control_replays.clone(),
+        );
         Metrics {
             registry,
+            control_sessions,
+            control_token_requests,
+            control_replays,
             cluster_degraded,
             cluster_fallbacks,
             requests,
@@ -266,6 +298,16 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// Counts a control-token request: `keepalive` or an acquisition, and how it ended.
+    pub fn control_token(&self, keepalive: bool, result: &'static str) {
+        self.control_token_requests
+            .get_or_create(&ControlLabels {
+                kind: if keepalive { "keepalive" } else { "acquire" },
+                result,
+            })
+            .inc();
     }
 
     pub fn sign_in(&self, app: &Arc<str>, refresh: bool, ok: bool) {

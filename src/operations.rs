@@ -37,12 +37,28 @@ pub enum OperationKind {
     Unlisted,
 }
 
+/// What an operation does in a meeting's control flow (design §3b).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlRole {
+    /// Not part of it.
+    None,
+    /// `conferences/start`: activates a meeting with its host password.
+    Start,
+    /// A meeting-control call: its table row lists `X-Conference-Authorization`.
+    Call,
+    /// `conferences/stop`: a control call that ends the meeting.
+    Stop,
+    /// `conferences/token`: obtains or keeps alive a control token.
+    TokenEndpoint,
+}
+
 #[derive(Debug)]
 pub struct Operation {
     pub name: &'static str,
     pub method: Method,
     pub path_template: &'static str,
     pub kind: OperationKind,
+    pub control: ControlRole,
 }
 
 /// Name of the catch-all operation for unlisted paths inside the API families.
@@ -134,24 +150,42 @@ impl OperationTable {
     }
 
     fn parse(tsv: &'static str) -> OperationTable {
-        let mut rows: Vec<(&'static str, &'static str, &'static str, OperationKind)> = tsv
+        type Row = (
+            &'static str,
+            &'static str,
+            &'static str,
+            OperationKind,
+            ControlRole,
+        );
+        let mut rows: Vec<Row> = tsv
             .lines()
             .skip(1)
             .filter_map(|line| {
                 let mut cols = line.split('\t');
                 let (name, method, path) = (cols.next()?, cols.next()?, cols.next()?);
+                let headers = cols.nth(2).unwrap_or("");
                 let kind = if TOKEN_MANAGEMENT.contains(&name) {
                     OperationKind::TokenManagement
                 } else {
                     OperationKind::Business
                 };
-                Some((name, method, path, kind))
+                let takes_control_token = headers
+                    .split(',')
+                    .any(|h| h.trim().eq_ignore_ascii_case("X-Conference-Authorization"));
+                let control = match name {
+                    "start_meeting" => ControlRole::Start,
+                    "stop_meeting" => ControlRole::Stop,
+                    "create_conf_token" => ControlRole::TokenEndpoint,
+                    _ if takes_control_token => ControlRole::Call,
+                    _ => ControlRole::None,
+                };
+                Some((name, method, path, kind, control))
             })
             .collect();
         rows.extend(
             SIGN_IN_ROWS
                 .iter()
-                .map(|&(n, m, p)| (n, m, p, OperationKind::SignIn)),
+                .map(|&(n, m, p)| (n, m, p, OperationKind::SignIn, ControlRole::None)),
         );
 
         let mut table = OperationTable {
@@ -161,7 +195,7 @@ impl OperationTable {
             unlisted: OperationId(0),
             by_name: HashMap::new(),
         };
-        for (name, method, path, kind) in rows {
+        for (name, method, path, kind, control) in rows {
             let Ok(method) = Method::from_bytes(method.as_bytes()) else {
                 continue;
             };
@@ -188,6 +222,7 @@ impl OperationTable {
                 method,
                 path_template: path,
                 kind,
+                control,
             });
         }
         table.unlisted = OperationId(table.ops.len() as u16);
@@ -197,6 +232,7 @@ impl OperationTable {
             method: Method::GET,
             path_template: "/*",
             kind: OperationKind::Unlisted,
+            control: ControlRole::None,
         });
         table
     }
@@ -337,6 +373,22 @@ mod tests {
     fn name(method: Method, path: &str) -> Result<&'static str, ClassifyError> {
         let t = OperationTable::global();
         t.classify(&method, path).map(|id| t.get(id).name)
+    }
+
+    #[test]
+    fn control_roles_follow_the_tables_header_column() {
+        let t = OperationTable::global();
+        let count = |role| (0..t.len()).filter(|&i| t.ops[i].control == role).count();
+        // 45 rows list X-Conference-Authorization: the token endpoint, stop, and 43 others.
+        assert_eq!(count(ControlRole::Call), 43);
+        assert_eq!(count(ControlRole::Stop), 1);
+        assert_eq!(count(ControlRole::TokenEndpoint), 1);
+        assert_eq!(count(ControlRole::Start), 1);
+        let role = |name| t.by_name(name).map(|id| t.get(id).control);
+        assert_eq!(role("lock_meeting"), Some(ControlRole::Call));
+        assert_eq!(role("create_web_socket_token"), Some(ControlRole::Call));
+        // inviteWithPwd is under /control/ but authenticates with the access token.
+        assert_eq!(role("invite_with_pwd"), Some(ControlRole::None));
     }
 
     #[test]

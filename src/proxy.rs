@@ -12,7 +12,7 @@ use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 
 use crate::access::{AccessRules, Caller};
@@ -21,10 +21,13 @@ use crate::body::{self, IdleTimeout, ProxyBody};
 use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::control::{self, Controls, Exchange, Failure, Owner, Session};
 use crate::error::{retry_after_secs, GatewayError};
-use crate::headers::{self, X_ACCESS_TOKEN, X_REQUEST_ID};
+use crate::headers::{self, X_ACCESS_TOKEN, X_CONFERENCE_AUTHORIZATION, X_PASSWORD, X_REQUEST_ID};
 use crate::metrics::{AppLabels, Metrics, OpHistogram, OperationLabels, QuotaLabels};
-use crate::operations::{ClassifyError, OperationId, OperationKind, OperationTable};
+use crate::operations::{
+    ClassifyError, ControlRole, Operation, OperationId, OperationKind, OperationTable,
+};
 use crate::quota::{Admission, BucketKey, QuotaManager, Refused};
 use crate::sdk::{SdkAuth, SdkRequest};
 use crate::token::AppConfig;
@@ -79,6 +82,9 @@ pub struct Gateway {
     /// Requests handled at once; beyond `limits.max_concurrent_requests`, 503 at once.
     requests: Arc<Semaphore>,
     cluster: Option<Arc<Cluster>>,
+    controls: Arc<Controls>,
+    /// `create_conf_token`, whose quota control-token requests spend.
+    conf_token_op: Option<OperationId>,
 }
 
 /// Per-request facts gathered on the way, for the one access-log line.
@@ -101,6 +107,11 @@ struct RequestCtx {
     quota_checked: bool,
     /// Who called: a configured client's name; none without client authentication.
     client: Option<Arc<str>>,
+    /// The meeting a control call or a start names.
+    conference: Option<String>,
+    /// Whose control token a control call carried: `meetgate`, `client`, or `-`.
+    control_token: &'static str,
+    replayed_control: bool,
     /// The upstream's correlation and quota headers, in [`LOGGED_UPSTREAM_HEADERS`] order.
     upstream_headers: [Option<HeaderValue>; LOGGED_COUNT],
 }
@@ -131,6 +142,17 @@ struct Plan<'v> {
     deadline: Instant,
     out: Outbound,
     attempts: u32,
+    /// Who the caller is, for the meeting-control sessions it may use.
+    owner: Owner,
+    /// The meeting's control token meetgate injects into a control call.
+    control: Option<Injected>,
+}
+
+/// A control token meetgate put into a control call, to drop exactly it if refused.
+struct Injected {
+    session: Arc<Session>,
+    header: HeaderValue,
+    generation: u64,
 }
 
 /// The request as it goes upstream.
@@ -211,6 +233,7 @@ impl Gateway {
             )),
             None => upstream_auth,
         };
+        let controls = Controls::new(config.control.clone(), clock.clone(), metrics.clone());
         let tokens = TokenCache::new(auth, clock, config.token.clone(), true, metrics.clone());
         let apps = build_apps(&tokens, &config);
         let config_for_access = config.clone();
@@ -228,6 +251,8 @@ impl Gateway {
                 config_for_access.limits.max_concurrent_requests,
             )),
             cluster,
+            controls,
+            conf_token_op: OperationTable::global().by_name("create_conf_token"),
         }))
     }
 
@@ -245,6 +270,10 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn controls(&self) -> &Arc<Controls> {
+        &self.controls
     }
 
     /// The configuration in force.
@@ -326,6 +355,7 @@ impl Gateway {
             }
         }
         m.waiting.set(self.quota.waiting() as i64);
+        m.control_sessions.set(self.controls.len() as i64);
         m.ready.set(i64::from(self.readiness().is_ok()));
         if let Some(c) = &self.cluster {
             m.cluster_degraded.set(i64::from(c.degraded().is_some()));
@@ -378,7 +408,17 @@ impl Gateway {
             if changed {
                 summary.apps_changed.push(app.name.clone());
                 self.tokens.update_app(&Arc::new(app.clone()));
+                // A session's password was given for the old credentials' meetings.
+                self.controls.end_app(&app.name);
             }
+        }
+        for app in &old.apps {
+            if !new.apps.iter().any(|a| a.name == app.name) {
+                self.controls.end_app(&app.name);
+            }
+        }
+        if new.control != old.control {
+            self.controls.reconfigure(new.control.clone());
         }
         if new.quota != old.quota {
             summary.quota_changed = true;
@@ -442,6 +482,9 @@ impl Gateway {
             upstream_time: Duration::ZERO,
             replayed_401: false,
             upstream_429s: 0,
+            conference: None,
+            control_token: "-",
+            replayed_control: false,
             quota_checked: false,
             client: None,
             upstream_headers: Default::default(),
@@ -509,7 +552,12 @@ impl Gateway {
             slot,
             out: self.rewrite(parts, body, ctx, upstream)?,
             attempts: 0,
+            owner: caller.client().map(|c| c.name.clone()),
+            control: None,
         };
+        if let Some(refused) = self.control(op, &mut plan, ctx, upstream).await? {
+            return Ok(self.finish(refused, ctx));
+        }
         loop {
             plan.attempts += 1;
             let admission = self.admit(&plan.bucket, plan.deadline, ctx).await?;
@@ -519,12 +567,131 @@ impl Gateway {
                 self.quota.observe(a, resp.headers());
             }
             match self
-                .replay(resp, &plan, generation, ctx, &view.config, upstream)
+                .replay(resp, &mut plan, generation, ctx, &view.config, upstream)
                 .await?
             {
-                Next::Answer(resp) => return Ok(self.finish(resp, ctx)),
+                Next::Answer(resp) => {
+                    self.after_answer(op, &plan, resp.status(), ctx);
+                    return Ok(self.finish(resp, ctx));
+                }
                 Next::Replay => {}
             }
+        }
+    }
+
+    /// Control: a meeting-control call that brings no control token gets its meeting's, from
+    /// the session meetgate keeps (obtained now if it has none). A host password it brings is
+    /// used for that and never forwarded. A call with its own `X-Conference-Authorization` is
+    /// the client's business and goes as it is. `Some`: the upstream refused to issue a token,
+    /// and its answer is the client's.
+    async fn control(
+        &self,
+        op: &Operation,
+        plan: &mut Plan<'_>,
+        ctx: &mut RequestCtx,
+        upstream: &Upstream,
+    ) -> Result<Option<Response<ResponseBody>>, GatewayError> {
+        if !matches!(op.control, ControlRole::Call | ControlRole::Stop) || !self.controls.enabled()
+        {
+            return Ok(None);
+        }
+        ctx.conference = control::conference_id(plan.out.uri.query());
+        if plan.out.headers.contains_key(X_CONFERENCE_AUTHORIZATION) {
+            ctx.control_token = "client";
+            return Ok(None);
+        }
+        let Some(conference) = ctx.conference.as_deref() else {
+            return Ok(None);
+        };
+        let password = match plan.out.headers.remove(X_PASSWORD) {
+            Some(v) => Some(SecretString::from(
+                v.to_str()
+                    .map_err(|_| GatewayError::BadRequest("X-Password must be visible ASCII"))?
+                    .trim()
+                    .to_owned(),
+            )),
+            None => None,
+        };
+        let Some(session) =
+            self.controls
+                .session_for(&plan.slot.key.app, conference, &plan.owner, password)?
+        else {
+            return Ok(None);
+        };
+        match self
+            .controls
+            .token(&session, &self.exchange(plan, upstream))
+            .await
+        {
+            Ok((header, generation)) => {
+                ctx.control_token = "meetgate";
+                plan.control = Some(Injected {
+                    session,
+                    header,
+                    generation,
+                });
+                Ok(None)
+            }
+            Err(Failure::Refused(resp)) => Ok(Some((*resp).map(|b| Either::Right(Full::new(b))))),
+            Err(Failure::Gateway(e)) => Err(e),
+        }
+    }
+
+    /// What a control-token request of this plan's identity needs.
+    fn exchange(&self, plan: &Plan<'_>, upstream: &Upstream) -> Exchange {
+        let op = self.conf_token_op.unwrap_or(plan.bucket.op);
+        Exchange {
+            upstream: upstream.clone(),
+            quota: self.quota.clone(),
+            tokens: self.tokens.clone(),
+            slot: Arc::clone(&plan.slot),
+            bucket: self.quota.key(op, &plan.slot.key.app, &plan.slot.key.user),
+            deadline: plan.deadline,
+        }
+    }
+
+    /// After the upstream's answer: a successful start leaves its host password with the
+    /// meeting's session; a successful stop ends the session.
+    fn after_answer(
+        &self,
+        op: &Operation,
+        plan: &Plan<'_>,
+        status: StatusCode,
+        ctx: &mut RequestCtx,
+    ) {
+        if !status.is_success() {
+            return;
+        }
+        match op.control {
+            ControlRole::Start => {
+                #[derive(serde::Deserialize)]
+                struct Start {
+                    #[serde(rename = "conferenceID")]
+                    conference_id: String,
+                    password: SecretString,
+                }
+                let OutBody::Buffered(Some(body)) = &plan.out.body else {
+                    return;
+                };
+                let Ok(start) = serde_json::from_slice::<Start>(body) else {
+                    return;
+                };
+                if control::keyable(&start.conference_id) {
+                    self.controls.remember_start(
+                        &plan.slot.key.app,
+                        &start.conference_id,
+                        &plan.owner,
+                        start.password,
+                    );
+                    ctx.conference = Some(start.conference_id);
+                }
+            }
+            ControlRole::Stop => {
+                if let Some(conference) = ctx.conference.as_deref() {
+                    self.controls.end(&plan.slot.key.app, conference);
+                }
+            }
+            ControlRole::Call | ControlRole::TokenEndpoint | ControlRole::None => {}
         }
     }
 
@@ -687,6 +854,11 @@ impl Gateway {
         let (token, generation) = self.tokens.header(&plan.slot).await?;
         ctx.token_wait += waited.elapsed();
         plan.out.headers.insert(X_ACCESS_TOKEN, token);
+        if let Some(c) = &plan.control {
+            plan.out
+                .headers
+                .insert(X_CONFERENCE_AUTHORIZATION, c.header.clone());
+        }
         Ok(generation)
     }
 
@@ -745,7 +917,7 @@ impl Gateway {
     async fn replay(
         &self,
         resp: Response<UpstreamBody>,
-        plan: &Plan<'_>,
+        plan: &mut Plan<'_>,
         generation: u64,
         ctx: &mut RequestCtx,
         config: &Config,
@@ -768,6 +940,30 @@ impl Gateway {
                 if replayable && !ctx.replayed_401 {
                     ctx.replayed_401 = true;
                     return Ok(Next::Replay);
+                }
+            } else if let Some(c) = &plan.control {
+                // Any other 401 to a call that carried meetgate's control token: the token was
+                // refused (revoked, lapsed on the server). Obtain a new one once, replay once.
+                self.controls.invalidate(&c.session, c.generation);
+                if replayable && !ctx.replayed_control {
+                    ctx.replayed_control = true;
+                    let session = c.session.clone();
+                    let exchange = self.exchange(plan, upstream);
+                    match self.controls.token(&session, &exchange).await {
+                        Ok((header, generation)) => {
+                            self.metrics.control_replays.inc();
+                            plan.control = Some(Injected {
+                                session,
+                                header,
+                                generation,
+                            });
+                            return Ok(Next::Replay);
+                        }
+                        Err(Failure::Refused(resp)) => {
+                            return Ok(Next::Answer((*resp).map(|b| Either::Right(Full::new(b)))));
+                        }
+                        Err(Failure::Gateway(e)) => return Err(e),
+                    }
                 }
             }
         } else {
@@ -930,13 +1126,15 @@ fn access_log(
         client: ctx.peer,
         app: ctx.app.as_ref().map_or("-", |a| a.name.as_str()),
         user: ctx.user.as_deref().unwrap_or("-"),
+        conference: ctx.conference.as_deref().unwrap_or("-"),
+        control_token: ctx.control_token,
         total,
         queue_wait: ctx.queue_wait,
         token_wait: ctx.token_wait,
         upstream: ctx.upstream_time,
         request_id: ctx.request_id.to_str().unwrap_or("-"),
         upstream_headers: [up(0), up(1), up(2), up(3), up(4), up(5)],
-        replayed: ctx.replayed_401 || ctx.upstream_429s > 0,
+        replayed: ctx.replayed_401 || ctx.replayed_control || ctx.upstream_429s > 0,
         upstream_429s: ctx.upstream_429s,
         error_code: error.map_or("-", |e| e.0),
         error: error.map_or("-", |e| e.1.as_str()),

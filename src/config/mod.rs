@@ -22,6 +22,7 @@ pub use check::{ConfigError, Problem};
 
 use crate::access::ClientConfig;
 use crate::cluster::ClusterConfig;
+use crate::control::ControlConfig;
 use crate::limits::LimitsConfig;
 use crate::quota::QuotaConfig;
 use crate::sdk::SdkConfig;
@@ -61,6 +62,7 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
     pub sdk: SdkConfig,
+    pub control: ControlConfig,
     /// Shared limits and tokens on Redis; `None`: single-instance mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,

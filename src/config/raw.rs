@@ -32,6 +32,8 @@ pub(super) struct RawConfig {
     pub(super) tls: Option<RawTls>,
     #[serde(default)]
     pub(super) sdk: RawSdk,
+    #[serde(default)]
+    pub(super) control: RawControl,
     pub(super) cluster: Option<RawCluster>,
     #[serde(default)]
     pub(super) log: RawLog,
@@ -180,4 +182,13 @@ impl fmt::Debug for RawApp {
 pub(super) struct RawLog {
     pub(super) format: Option<String>,
     pub(super) level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawControl {
+    pub(super) enabled: Option<bool>,
+    pub(super) remember_start_password: Option<bool>,
+    pub(super) max_conferences: Option<usize>,
+    pub(super) idle_timeout: Option<String>,
 }

@@ -16,6 +16,7 @@ use super::raw::*;
 use super::Config;
 use crate::access::{ClientConfig, Patterns, SdkCredential};
 use crate::cluster::ClusterConfig;
+use crate::control::ControlConfig;
 use crate::limits::LimitsConfig;
 use crate::operations::OperationTable;
 use crate::quota::{LimitKind, OpQuota, QuotaConfig, QuotaMode, QuotaScope};
@@ -176,6 +177,20 @@ pub(super) fn validate(
     }
     let tls = raw.tls.map(|t| validate_tls(&mut c, t));
     let cluster = raw.cluster.and_then(|cl| validate_cluster(&mut c, cl));
+    let defaults = ControlConfig::default();
+    let rc = raw.control;
+    let max_conferences = rc.max_conferences.unwrap_or(defaults.max_conferences);
+    if max_conferences == 0 {
+        c.problem("control.max_conferences", 0, "must be at least 1");
+    }
+    let control = ControlConfig {
+        enabled: rc.enabled.unwrap_or(defaults.enabled),
+        remember_start_password: rc
+            .remember_start_password
+            .unwrap_or(defaults.remember_start_password),
+        max_conferences: max_conferences.max(1),
+        idle_timeout: c.duration("control.idle_timeout", rc.idle_timeout.as_deref(), "1h"),
+    };
     let sdk = SdkConfig {
         session_lifetime: c.duration(
             "sdk.session_lifetime",
@@ -220,6 +235,7 @@ pub(super) fn validate(
         allow_unauthenticated,
         tls: tls.flatten(),
         sdk,
+        control,
         cluster,
         log: LogConfig { format, level },
         warnings,

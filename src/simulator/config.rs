@@ -310,11 +310,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.conf_token_lifetime, Duration::from_secs(10));
-        assert_eq!(c.meetings.len(), 1, "a configured list replaces the demo meeting");
+        assert_eq!(
+            c.meetings.len(),
+            1,
+            "a configured list replaces the demo meeting"
+        );
         assert!(c.meetings[0].allow_guest_start);
         let debug = format!("{c:?}");
         assert!(!debug.contains("host-pw-1") && !debug.contains("guest-pw-1"));
-        assert!(parse("[[meetings]]\nconference_id = \"1\"").is_err(), "a host password is required");
+        assert!(
+            parse("[[meetings]]\nconference_id = \"1\"").is_err(),
+            "a host password is required"
+        );
     }
 
     #[test]

@@ -181,7 +181,12 @@ impl Meetings {
     }
 
     /// `conferences/start` with the host password, or the guest password where allowed.
-    pub(crate) fn start(&mut self, app: &str, id: &str, password: &str) -> Result<(), MeetingError> {
+    pub(crate) fn start(
+        &mut self,
+        app: &str,
+        id: &str,
+        password: &str,
+    ) -> Result<(), MeetingError> {
         let m = self
             .visible(app, id)
             .ok_or(MeetingError::NotFoundOrAuthFailed)?;

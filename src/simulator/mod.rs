@@ -316,6 +316,11 @@ impl SimHandle {
         self.sim.lock().meetings.stats
     }
 
+    /// Ends a meeting as its host would from their own client: its control tokens end too.
+    pub fn stop_meeting(&self, conference_id: &str) {
+        self.sim.lock().meetings.stop(conference_id);
+    }
+
     /// Where a meeting is in its life; `None` when it never existed.
     pub fn meeting_state(&self, conference_id: &str) -> Option<MeetingState> {
         self.sim.lock().meetings.state(conference_id)

@@ -742,12 +742,17 @@ async fn a_created_meeting_lives_through_start_control_and_stop() {
     // Bound to its meeting.
     let lock = |conf: &str| format!("/v1/mmc/control/conferences/lock?conferenceID={conf}");
     let auth = [("x-conference-authorization", ctl.as_str())];
-    let r = c.send(Method::PUT, &lock(&id), &auth, r#"{"isLock":1}"#).await;
+    let r = c
+        .send(Method::PUT, &lock(&id), &auth, r#"{"isLock":1}"#)
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let r = c
         .send(Method::PUT, &lock("914087436"), &auth, r#"{"isLock":1}"#)
         .await;
-    assert_eq!((r.status, r.code().as_str()), (403, "SIM.CONF_TOKEN_MISMATCH"));
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (403, "SIM.CONF_TOKEN_MISMATCH")
+    );
     let ws = format!("/v1/mmc/control/conferences/wsToken?conferenceID={id}");
     let r = c.send(Method::GET, &ws, &auth, "").await;
     assert_eq!(r.status, 200);
@@ -781,8 +786,13 @@ async fn a_created_meeting_lives_through_start_control_and_stop() {
     let r = c.send(Method::PUT, &stop, &auth, "").await;
     assert_eq!(r.status, 200);
     assert_eq!(sim.meeting_state(&id), Some(MeetingState::Ended));
-    let r = c.send(Method::PUT, &lock(&id), &auth, r#"{"isLock":1}"#).await;
-    assert_eq!((r.status, r.code().as_str()), (401, "SIM.CONF_TOKEN_INVALID"));
+    let r = c
+        .send(Method::PUT, &lock(&id), &auth, r#"{"isLock":1}"#)
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (401, "SIM.CONF_TOKEN_INVALID")
+    );
     assert_eq!(get_token(&host).await.code(), "MMC.111072065");
 }
 

@@ -511,6 +511,25 @@ async fn the_official_python_sdk_works_unmodified_through_the_tls_listener() {
         assert!(methods.contains(&m), "{methods:?}");
     }
     assert!(!stdout.contains(SDK_KEY));
+    // Its control calls after start_meeting carried no control token of its own: meetgate
+    // obtained one (once) with the password of the start and injected it.
+    for op in ["lock_meeting", "mute_meeting"] {
+        assert!(
+            calls
+                .iter()
+                .any(|c| c["operation"] == op && c["status"] == 200),
+            "{op}: {report:#}"
+        );
+    }
+    assert_eq!(sim.control_stats().token_requests, 1);
+    for path in [
+        "/v1/mmc/control/conferences/lock",
+        "/v1/mmc/control/conferences/mute",
+    ] {
+        let seen = received(&sim, path);
+        assert_eq!(seen.len(), 1, "{path}");
+        assert!(header(&seen[0], "x-conference-authorization").is_some());
+    }
 
     // The upstream saw only the gateway's app signing in and only tokens it issued.
     for s in received(&sim, "/v2/usg/acs/auth/appauth") {

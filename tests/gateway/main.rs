@@ -5,6 +5,7 @@ mod access;
 mod cli;
 mod cluster;
 mod connections;
+mod control;
 mod deploy;
 mod forwarding;
 mod hardening;

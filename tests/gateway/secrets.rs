@@ -4,9 +4,13 @@
 
 use http::{Method, StatusCode};
 
+use meetgate::simulator::{SimConfig, SimLimits, SimMeeting};
+
 use crate::access::{appauth, clients, nonce, BILLING_KEY, SDK_KEY};
 use crate::logs::Capture;
 use crate::support::*;
+
+const HOST_PASSWORD: &str = "host-password-7f3a9c2e";
 
 #[tokio::test(flavor = "current_thread")]
 async fn no_secret_reaches_logs_errors_metrics_or_debug() {
@@ -20,10 +24,33 @@ async fn no_secret_reaches_logs_errors_metrics_or_debug() {
     // cached "never interested". Recompute with this one in place.
     tracing::callsite::rebuild_interest_cache();
 
-    let sim = default_sim().await;
+    // A meeting whose host password is long enough to be searched for (the demo's six digits
+    // could match a timestamp by chance).
+    let sim = start_sim(SimConfig {
+        apps: vec![sim_app()],
+        limits: SimLimits::unlimited(),
+        meetings: vec![
+            SimMeeting::demo(),
+            SimMeeting {
+                conference_id: "900000777".into(),
+                chair_password: HOST_PASSWORD.into(),
+                guest_password: "guest-password-51c0d2".into(),
+                allow_guest_start: false,
+                subject: String::new(),
+            },
+        ],
+        ..SimConfig::default()
+    })
+    .await;
     let gw = gateway_with(&sim).await;
     let mut bodies: Vec<String> = Vec::new();
-    let mut secrets: Vec<String> = vec![APP_KEY.into(), BILLING_KEY.into(), SDK_KEY.into()];
+    let mut secrets: Vec<String> = vec![
+        APP_KEY.into(),
+        BILLING_KEY.into(),
+        SDK_KEY.into(),
+        HOST_PASSWORD.into(),
+        "guest-password-51c0d2".into(),
+    ];
 
     // Bearer traffic, good and bad.
     let bearer = format!("Bearer {BILLING_KEY}");
@@ -55,6 +82,33 @@ async fn no_secret_reaches_logs_errors_metrics_or_debug() {
     secrets.push(refresh.clone());
     let r = gw.start_meeting_with(&[("x-access-token", &session)]).await;
     bodies.push(String::from_utf8_lossy(&r.body).into_owned());
+    // Meeting control: a start with the host password, control calls on the remembered one, a
+    // refused control token replaced, a wrong password, another meeting's guest password.
+    let as_session = [("x-access-token", session.as_str())];
+    let start = format!(r#"{{"conferenceID":"900000777","password":"{HOST_PASSWORD}"}}"#);
+    let r = gw
+        .request(Method::POST, START, &as_session, start.as_bytes())
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let lock = "/v1/mmc/control/conferences/lock?conferenceID=900000777";
+    for revoke in [false, true] {
+        if revoke {
+            sim.revoke_conf_tokens();
+        }
+        let r = gw.request(Method::PUT, lock, &as_session, b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        bodies.push(String::from_utf8_lossy(&r.body).into_owned());
+    }
+    let other = "/v1/mmc/control/conferences/lock?conferenceID=914087436";
+    for password in ["guest-password-51c0d2", "wrong-password-0a9b8c"] {
+        let headers = [
+            ("x-access-token", session.as_str()),
+            ("x-password", password),
+        ];
+        let r = gw.request(Method::PUT, other, &headers, b"{}").await;
+        assert_ne!(r.status, StatusCode::OK);
+        bodies.push(String::from_utf8_lossy(&r.body).into_owned());
+    }
     let r = gw
         .request(
             Method::PUT,
@@ -89,8 +143,15 @@ async fn no_secret_reaches_logs_errors_metrics_or_debug() {
     let debug = format!("{:?}", gw.gateway.config());
     gw.stop().await;
 
-    // Everything the upstream issued or was signed with.
+    // Everything the upstream issued or was signed with, control tokens included.
     secrets.extend(sim.issued_tokens());
+    let control_tokens: Vec<String> = sim
+        .requests()
+        .iter()
+        .filter_map(|r| header(r, "x-conference-authorization").map(str::to_owned))
+        .collect();
+    assert!(control_tokens.len() >= 2, "control tokens were used");
+    secrets.extend(control_tokens);
     for r in sim.requests() {
         if let Some(a) = header(&r, "authorization") {
             if let Some(sig) = a

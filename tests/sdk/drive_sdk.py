@@ -39,8 +39,12 @@ from huaweicloudsdkcore.http.http_config import HttpConfig  # noqa: E402
 from huaweicloudsdkcore.http.http_handler import HttpHandler  # noqa: E402
 from huaweicloudsdkmeeting.v1 import (  # noqa: E402
     DeleteDepartmentRequest,
+    LockMeetingRequest,
     MeetingClient,
     ModUserDTO,
+    MuteMeetingRequest,
+    RestLockReqBody,
+    RestMuteReqBody,
     SearchMeetingsRequest,
     ShowMeetingDetailRequest,
     StartMeetingRequest,
@@ -77,6 +81,13 @@ def operations():
         ("start_meeting", "POST", "/v1/mmc/management/conferences/start",
          lambda: StartMeetingRequest(
              body=StartRequest(conference_id=CONFERENCE_ID, password=CONFERENCE_PASSWORD))),
+        # Meeting control after the start, with no X-Conference-Authorization: the endpoint
+        # (meetgate) is expected to supply the control token.
+        ("lock_meeting", "PUT", "/v1/mmc/control/conferences/lock",
+         lambda: LockMeetingRequest(conference_id=CONFERENCE_ID, body=RestLockReqBody(is_lock=1))),
+        ("mute_meeting", "PUT", "/v1/mmc/control/conferences/mute",
+         lambda: MuteMeetingRequest(conference_id=CONFERENCE_ID,
+                                    body=RestMuteReqBody(is_mute=1, allow_unmute_by_oneself=1))),
         # GET with query parameters, one of them needing percent-encoding (a space).
         ("search_meetings", "GET", "/v1/mmc/management/conferences",
          lambda: SearchMeetingsRequest(offset=0, limit=10, query_all=True,
