@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod connections;
 mod deploy;
+mod docs;
 mod forwarding;
 mod hardening;
 mod logs;
