@@ -91,30 +91,109 @@ fn check_config_prints_redacted_config_or_names_the_bad_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.url = \"ftp://nope\""));
 }
 
+/// The files the shipped configs in `config/` name (key files, `ca_file`, the `[tls]`
+/// certificate and key), written to temporary files: `substitute` points a config at them,
+/// `placeholders` prints their paths as `<KEY_FILE>`, `<TLS_CERT>`, ... again.
+pub(crate) struct ShippedFiles {
+    _dir: tempfile::TempDir,
+    /// (path in the shipped config, temporary file, placeholder)
+    files: Vec<(&'static str, std::path::PathBuf, &'static str)>,
+}
+
+impl ShippedFiles {
+    pub(crate) fn new() -> ShippedFiles {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = time::OffsetDateTime::now_utc();
+        let cert = meetgate::simulator::tls::generate_cert(
+            &["meetgate".to_owned()],
+            now - time::Duration::days(1),
+            now + time::Duration::days(30),
+        )
+        .expect("cert");
+        let contents: [(&'static str, &str, String, &'static str); 5] = [
+            (
+                "/run/secrets/meetgate/app_key",
+                "app_key",
+                "file-key\n".to_owned(),
+                "<KEY_FILE>",
+            ),
+            (
+                "/run/secrets/meetgate-clients/sdk-batch",
+                "client_key",
+                "file-client-key\n".to_owned(),
+                "<CLIENT_KEY_FILE>",
+            ),
+            (
+                "/etc/meetgate/extra-roots.pem",
+                "ca.pem",
+                cert.ca_pem.clone(),
+                "<CA_FILE>",
+            ),
+            (
+                "/etc/meetgate/tls.pem",
+                "tls.pem",
+                cert.cert_pem.clone(),
+                "<TLS_CERT>",
+            ),
+            (
+                "/etc/meetgate/tls.key",
+                "tls.key",
+                cert.key_pem.clone(),
+                "<TLS_KEY>",
+            ),
+        ];
+        let files = contents
+            .into_iter()
+            .map(|(shipped, name, content, placeholder)| {
+                let file = dir.path().join(name);
+                std::fs::write(&file, content).expect("write");
+                (shipped, file, placeholder)
+            })
+            .collect();
+        ShippedFiles { _dir: dir, files }
+    }
+
+    /// `text` with every file path of the shipped configs replaced by its temporary file.
+    pub(crate) fn substitute(&self, text: &str) -> String {
+        self.files
+            .iter()
+            .fold(text.to_owned(), |text, (shipped, file, _)| {
+                text.replace(shipped, &file.display().to_string())
+            })
+    }
+
+    /// `text` with every temporary file's path replaced by its placeholder.
+    pub(crate) fn placeholders(&self, text: &str) -> String {
+        self.files
+            .iter()
+            .fold(text.to_owned(), |text, (_, file, placeholder)| {
+                text.replace(&file.display().to_string(), placeholder)
+            })
+    }
+
+    /// The environment variables the shipped configs read keys from.
+    pub(crate) const ENV: [(&'static str, &'static str); 2] = [
+        ("MEETGATE_APP_KEY", "example-key"),
+        ("MEETGATE_CLIENT_SDK_TEAM_KEY", "example-client-key"),
+    ];
+}
+
 #[test]
 fn every_shipped_config_loads() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let key_dir = tempfile::tempdir().expect("tempdir");
+    let files = ShippedFiles::new();
     let mut env = env();
-    env.insert("MEETGATE_APP_KEY".into(), "example-key".into());
-    env.insert(
-        "MEETGATE_CLIENT_SDK_TEAM_KEY".into(),
-        "example-client-key".into(),
-    );
+    for (var, value) in ShippedFiles::ENV {
+        env.insert(var.into(), value.into());
+    }
     let mut loaded = 0;
     for entry in std::fs::read_dir(&dir).expect("config/ exists") {
         let path = entry.expect("entry").path();
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        // Key files named in the examples are replaced by a temporary one.
-        let text = std::fs::read_to_string(&path).expect("read");
-        let key_file = key_dir.path().join("app_key");
-        std::fs::write(&key_file, "file-key\n").expect("write key");
-        let text = text.replace(
-            "/run/secrets/meetgate/app_key",
-            &key_file.display().to_string(),
-        );
+        // Files named in the examples are replaced by temporary ones.
+        let text = files.substitute(&std::fs::read_to_string(&path).expect("read"));
         meetgate::config::load_str(&text, &env)
             .unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()));
         loaded += 1;
@@ -195,15 +274,15 @@ async fn demo_prints_a_curl_line_that_works() {
 }
 
 /// `check-config` prints exactly what `tests/gateway/golden/<name>.out` holds for every file in
-/// `config/` (key files replaced by a temporary one, printed as `<KEY_FILE>`; `workers` set so
-/// the output does not depend on the machine). `MEETGATE_BLESS=1` rewrites the expectations.
+/// `config/` (the files it names replaced by temporary ones, printed as `<KEY_FILE>`,
+/// `<TLS_CERT>`, ...; `workers` set so the output does not depend on the machine).
+/// `MEETGATE_BLESS=1` rewrites the expectations.
 #[test]
 fn check_config_output_for_every_shipped_config_is_unchanged() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gateway/golden");
-    let key_dir = tempfile::tempdir().expect("tempdir");
-    let key_file = key_dir.path().join("app_key");
-    std::fs::write(&key_file, "file-key\n").expect("write key");
+    let files = ShippedFiles::new();
+    let copies = tempfile::tempdir().expect("tempdir");
     let bless = std::env::var_os("MEETGATE_BLESS").is_some();
     let mut compared = 0;
     for entry in std::fs::read_dir(&dir).expect("config/ exists") {
@@ -211,17 +290,13 @@ fn check_config_output_for_every_shipped_config_is_unchanged() {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        let text = std::fs::read_to_string(&path).expect("read").replace(
-            "/run/secrets/meetgate/app_key",
-            &key_file.display().to_string(),
-        );
-        let copy = key_dir.path().join(path.file_name().expect("name"));
+        let text = files.substitute(&std::fs::read_to_string(&path).expect("read"));
+        let copy = copies.path().join(path.file_name().expect("name"));
         std::fs::write(&copy, text).expect("write");
         let out = Command::new(BIN)
             .args(["check-config", "--config"])
             .arg(&copy)
-            .env("MEETGATE_APP_KEY", "example-key")
-            .env("MEETGATE_CLIENT_SDK_TEAM_KEY", "example-client-key")
+            .envs(ShippedFiles::ENV)
             .env("MEETGATE__WORKERS", "2")
             .output()
             .expect("runs");
@@ -230,8 +305,7 @@ fn check_config_output_for_every_shipped_config_is_unchanged() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let printed = String::from_utf8_lossy(&out.stdout)
-            .replace(&key_file.display().to_string(), "<KEY_FILE>");
+        let printed = files.placeholders(&String::from_utf8_lossy(&out.stdout));
         let expected_path = golden.join(format!(
             "{}.out",
             path.file_stem().and_then(|s| s.to_str()).expect("stem")

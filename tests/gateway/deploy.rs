@@ -609,7 +609,7 @@ fn words(s: &str) -> String {
 }
 
 #[test]
-fn dockerfile_matches_the_readme_and_its_config() {
+fn dockerfile_matches_the_docs_and_its_config() {
     let all = dockerfile();
     let stages: Vec<usize> = all
         .iter()
@@ -620,16 +620,19 @@ fn dockerfile_matches_the_readme_and_its_config() {
     assert!(stages.len() >= 2, "a multi-stage build");
     let (build, runtime) = all.split_at(*stages.last().expect("a stage"));
 
-    // The builder runs the README's production build command, exactly.
-    let readme = read("README.md");
+    // The builder runs the production build command of docs/operations.md, exactly.
+    let guide = read("docs/operations.md");
     // A command line of the Build section's code block, not a mention in prose.
-    let documented = readme
+    let documented = guide
         .lines()
         .skip_while(|l| l.trim() != "## Build")
-        .take_while(|l| !l.starts_with("## Commands"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
         .find(|l| l.starts_with(PGO_BUILD))
         .map(|l| words(l.split('#').next().unwrap_or(l)))
-        .expect("README.md's Build section runs the production build (`deploy/build-pgo`)");
+        .expect(
+            "docs/operations.md's Build section runs the production build (`deploy/build-pgo`)",
+        );
     assert_eq!(documented, PGO_BUILD);
     let runs_it = build.iter().filter(|(i, _)| i == "RUN").any(|(_, args)| {
         let without_flags: Vec<&str> = args
@@ -716,7 +719,7 @@ fn dockerfile_matches_the_readme_and_its_config() {
     }
 }
 
-/// The production build: a profile-guided release build (README, "Build").
+/// The production build: a profile-guided release build (docs/operations.md, "Build").
 const PGO_BUILD: &str = "deploy/build-pgo";
 
 #[test]

@@ -7,6 +7,7 @@ mod cluster;
 mod connections;
 mod control;
 mod deploy;
+mod docs;
 mod forwarding;
 mod hardening;
 mod logs;
