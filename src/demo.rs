@@ -29,11 +29,17 @@ pub enum DemoError {
     Start(#[from] crate::StartError),
 }
 
-/// The curl line the demo prints, for a gateway on `addr`.
-pub fn curl_line(addr: SocketAddr) -> String {
-    format!(
-        "curl -s -X POST http://{addr}/v1/mmc/management/conferences/start \\\n    -H 'Content-Type: application/json' \\\n    -d '{{\"conferenceID\": \"914087436\", \"password\": \"123456\"}}'"
-    )
+/// The curl lines the demo prints, for a gateway on `addr`: a start with the host password,
+/// then a meeting-control call with no credential at all.
+pub fn curl_lines(addr: SocketAddr) -> [String; 2] {
+    [
+        format!(
+            "curl -s -X POST http://{addr}/v1/mmc/management/conferences/start \\\n    -H 'Content-Type: application/json' \\\n    -d '{{\"conferenceID\": \"914087436\", \"password\": \"123456\"}}'"
+        ),
+        format!(
+            "curl -s -X PUT 'http://{addr}/v1/mmc/control/conferences/lock?conferenceID=914087436' \\\n    -H 'Content-Type: application/json' \\\n    -d '{{\"isLock\": 1}}'"
+        ),
+    ]
 }
 
 /// Starts the simulator with a fresh random app, then the gateway on `listen`, until `shutdown`.
@@ -80,7 +86,8 @@ app_key = "{app_key}"
         source,
     })?;
     println!("meetgate demo: gateway http://{addr} -> simulator {} (generated app {app_id}, its key stays in this process)", sim.url());
-    println!("Try:\n  {}\n", curl_line(addr));
+    let [start, lock] = curl_lines(addr);
+    println!("Try (no credential in either; the second is a meeting-control call):\n  {start}\n  {lock}\n");
     crate::run(Arc::new(config), listener, None, shutdown).await?;
     sim.shutdown().await;
     Ok(())

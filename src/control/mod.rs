@@ -399,8 +399,9 @@ impl Controls {
 
     /// The session's token for a call: the current one while valid (a due keep-alive starts
     /// in the background), else one obtained now with the password, once however many calls
-    /// wait for it. A refusal of that acquisition ends the session: nothing is kept of a
-    /// password the upstream did not accept, and a meeting that is over has no session.
+    /// wait for it. A refusal of that acquisition (a 4xx other than 429) ends the session:
+    /// nothing is kept of a password the upstream did not accept, and a meeting that is over
+    /// has no session.
     pub async fn token(
         self: &Arc<Self>,
         session: &Arc<Session>,
@@ -462,8 +463,13 @@ impl Controls {
                 let refused = matches!(failure, Failure::Refused(_));
                 self.metrics
                     .control_token(false, if refused { "refused" } else { "failed" });
-                if refused {
-                    self.end(&session.app, &session.conference);
+                // The upstream said no to this meeting and password (400, 401, 403, 404...);
+                // a 429 or a server error says nothing about them.
+                if let Failure::Refused(r) = &failure {
+                    let status = r.status();
+                    if status.is_client_error() && status != http::StatusCode::TOO_MANY_REQUESTS {
+                        self.end(&session.app, &session.conference);
+                    }
                 }
                 Err(failure)
             }

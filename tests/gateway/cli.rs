@@ -233,44 +233,72 @@ async fn run_subcommand_serves_with_a_config_file() {
 }
 
 #[tokio::test]
-async fn demo_prints_a_curl_line_that_works() {
+async fn demo_prints_curl_lines_that_work_with_no_credential() {
     let mut child = Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawns");
-    let lines = wait_for_line(&mut child, "-d '");
+    let lines = wait_for_line(&mut child, "isLock");
     let _guard = Running(child);
-    let curl = lines
-        .iter()
-        .find(|l| l.contains("curl -s -X POST http://"))
-        .expect("a curl line");
-    let url = curl
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("url")
-        .to_owned();
-    let body = lines
-        .last()
-        .and_then(|l| l.split('\'').nth(1))
-        .expect("the -d body")
-        .to_owned();
+    // Each printed command: its method, its URL (quoted or not) and its -d body.
+    let mut commands = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(rest) = line.trim().strip_prefix("curl -s -X ") else {
+            continue;
+        };
+        let method = rest.split_whitespace().next().expect("method").to_owned();
+        let url = rest
+            .split_whitespace()
+            .nth(1)
+            .expect("url")
+            .trim_matches('\'')
+            .to_owned();
+        let body = lines[i..]
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("-d '"))
+            .and_then(|b| b.strip_suffix('\''))
+            .expect("the -d body")
+            .to_owned();
+        assert!(
+            !lines[i..]
+                .iter()
+                .take(3)
+                .any(|l| l.contains("Authorization")
+                    || l.contains("X-Access-Token")
+                    || l.contains("X-Conference-Authorization")
+                    || l.contains("X-Password")),
+            "no credential in the demo's commands"
+        );
+        commands.push((method, url, body));
+    }
+    assert_eq!(commands.len(), 2, "{lines:?}");
     let client: HttpClient =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let req = http::Request::post(url)
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-        .expect("request");
-    let resp = client.request(req).await.expect("answer");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .expect("body")
-        .to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
-    assert!(v["uuid"].is_string() && v["regionIP"].is_string(), "{v}");
+    let mut answers = Vec::new();
+    for (method, url, body) in commands {
+        let req = http::Request::builder()
+            .method(method.as_str())
+            .uri(url)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .expect("request");
+        let resp = client.request(req).await.expect("answer");
+        assert_eq!(resp.status(), StatusCode::OK, "{method}");
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        answers.push(serde_json::from_slice::<serde_json::Value>(&body).expect("json"));
+    }
+    assert!(
+        answers[0]["uuid"].is_string() && answers[0]["regionIP"].is_string(),
+        "{}",
+        answers[0]
+    );
+    assert_eq!(answers[1]["operation"], "lock_meeting", "{}", answers[1]);
 }
 
 /// `check-config` prints exactly what `tests/gateway/golden/<name>.out` holds for every file in

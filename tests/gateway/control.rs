@@ -367,3 +367,23 @@ async fn a_clients_own_control_token_passes_untouched_and_is_not_kept() {
         "only the client's own"
     );
 }
+
+#[tokio::test]
+async fn a_throttled_token_request_keeps_the_session() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    // The next business request upstream (the token request) is throttled by the upstream.
+    sim.inject(meetgate::simulator::Fault::Throttle {
+        count: 1,
+        retry_after: None,
+    });
+    let lock = control("lock", "914087436");
+    let r = gw.request(Method::PUT, &lock, &[], b"{}").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert_eq!(r.error_code(), "APIG.0308");
+    assert_eq!(gw.gateway.controls().len(), 1, "the password is still good");
+    let r = gw.request(Method::PUT, &lock, &[], b"{}").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(sim.control_stats().issued, 1);
+}
