@@ -1,6 +1,6 @@
-//! Replicas sharing one quota and one token per identity through Redis: an atomic GCRA script
-//! per decision, a token record with expiry, a sign-in lock, and a degraded mode (local
-//! fallbacks) while Redis is unreachable.
+//! Replicas sharing one quota and one token per identity through Redis: an atomic script per
+//! decision (the exact limiter's sorted sets, or GCRA), a token record with expiry, a sign-in
+//! lock, and a degraded mode (local fallbacks) while Redis is unreachable.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,6 +90,84 @@ end
 return {1, 0}
 "#;
 
+/// The exact limiter over every limit of one bucket, in one atomic step, on Redis' clock: per
+/// limit a sorted set of admission times (µs), trimmed to the last span, capped at its limit,
+/// expiring a second after its span. KEYS: per limit its set and its "spent" marker, then the
+/// "alive" marker. ARGV: per limit its N and span (µs), then `drain` (1: a limit with no
+/// admissions on record counts as spent, its window used evenly up to now, so no replica gets
+/// a fresh burst after Redis lost its data or after this one was falling back), then a member
+/// id unique to this decision. A spent window is kept as its start time (the marker), not as N
+/// entries: its N virtual admissions leave at the steady rate. Returns {1, 0, now_us} when
+/// admitted (every set updated) or {0, wait_us, now_us} (nothing updated).
+const EXACT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = (#KEYS - 1) / 2
+local drain = tonumber(ARGV[2 * n + 1]) == 1
+local member = ARGV[2 * n + 2]
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
+  drain = true
+  redis.call('SET', KEYS[#KEYS], '1')
+end
+local wait = 0
+for i = 1, n do
+  local set, spent = KEYS[2 * i - 1], KEYS[2 * i]
+  local limit = tonumber(ARGV[2 * i - 1])
+  local span = tonumber(ARGV[2 * i])
+  if drain and redis.call('EXISTS', set) == 0 and redis.call('EXISTS', spent) == 0 then
+    redis.call('SET', spent, string.format('%.0f', now), 'PX', math.floor(span / 1000) + 1000)
+  end
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', now - span - 1)
+  local real = redis.call('ZCARD', set)
+  -- Virtual admissions of a spent start still in the window: the k-th leaves at
+  -- from + floor(span * k / limit) + 1.
+  local from = tonumber(redis.call('GET', spent) or '-1')
+  local left = limit
+  if from >= 0 then
+    if now <= from then left = 0 else left = math.min(limit, math.ceil((now - from) * limit / span) - 1) end
+  end
+  local excess = real + (limit - left) + 1 - limit
+  if excess > 0 then
+    -- The excess-th exit among the real (oldest first) and the virtual ones.
+    local oldest = redis.call('ZRANGE', set, 0, excess - 1, 'WITHSCORES')
+    local r, k, at = 1, left + 1, now
+    for _ = 1, excess do
+      local re = oldest[2 * r]
+      local ve = nil
+      if from >= 0 and k <= limit then ve = from + math.floor(span * k / limit) + 1 end
+      if re and (not ve or tonumber(re) + span + 1 <= ve) then
+        at = tonumber(re) + span + 1
+        r = r + 1
+      elseif ve then
+        at = ve
+        k = k + 1
+      end
+    end
+    if at - now > wait then wait = at - now end
+  end
+end
+if wait > 0 then return {0, wait, now} end
+for i = 1, n do
+  local set = KEYS[2 * i - 1]
+  local limit = tonumber(ARGV[2 * i - 1])
+  local span = tonumber(ARGV[2 * i])
+  redis.call('ZADD', set, now, member)
+  local count = redis.call('ZCARD', set)
+  if count > limit then
+    redis.call('ZREMRANGEBYRANK', set, 0, count - limit - 1)
+  end
+  redis.call('PEXPIRE', set, math.floor(span / 1000) + 1000)
+end
+return {1, 0, now}
+"#;
+
+/// A shared exact decision: admitted at Redis' `at_us`, or not before `wait`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExactVerdict {
+    Admitted { at_us: u64 },
+    Wait(Duration),
+}
+
 /// Deletes a key only if it still holds the given value.
 const DELETE_IF: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -137,7 +215,11 @@ pub struct Cluster {
     resumed_at: Mutex<Option<Instant>>,
     pub fallbacks: AtomicU64,
     gcra: redis::Script,
+    exact: redis::Script,
     delete_if: redis::Script,
+    /// Makes each exact decision's member unique: this replica's id and a counter.
+    replica: String,
+    decisions: AtomicU64,
 }
 
 impl Cluster {
@@ -153,7 +235,10 @@ impl Cluster {
             resumed_at: Mutex::new(None),
             fallbacks: AtomicU64::new(0),
             gcra: redis::Script::new(GCRA),
+            exact: redis::Script::new(EXACT),
             delete_if: redis::Script::new(DELETE_IF),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            decisions: AtomicU64::new(0),
         })
     }
 
@@ -177,13 +262,17 @@ impl Cluster {
         })
     }
 
-    /// Shared mode resumed within the last `window`: missing keys count as a spent burst.
-    fn recently_resumed(&self, window: Duration) -> bool {
-        self.resumed_at
-            .lock()
-            .ok()
-            .and_then(|r| *r)
-            .is_some_and(|t| t.elapsed() < window)
+    /// Falling back now, or shared mode resumed within the last `window`: missing keys count
+    /// as a spent window, and a replica still holds itself to its fallback share. (The call
+    /// that finds Redis back is made while still degraded.)
+    pub fn recently_resumed(&self, window: Duration) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+            || self
+                .resumed_at
+                .lock()
+                .ok()
+                .and_then(|r| *r)
+                .is_some_and(|t| t.elapsed() < window)
     }
 
     fn failed(&self, e: &ClusterError) {
@@ -289,6 +378,43 @@ impl Cluster {
             })
             .await?;
         Ok((ok != 1).then(|| Duration::from_micros(wait_us.max(1) as u64)))
+    }
+
+    /// One shared exact decision over a bucket's limits: `limits` are (key, N, span).
+    pub async fn exact(
+        &self,
+        limits: &[(String, u32, Duration)],
+        longest_window: Duration,
+    ) -> Result<ExactVerdict, ClusterError> {
+        let drain = self.recently_resumed(longest_window);
+        let alive = self.key(&["alive"]);
+        let member = format!(
+            "{}:{}",
+            self.replica,
+            self.decisions.fetch_add(1, Ordering::Relaxed)
+        );
+        let script = &self.exact;
+        let (ok, wait_us, now_us): (i64, i64, i64) = self
+            .run(|mut conn| async move {
+                let mut inv = script.prepare_invoke();
+                for (k, _, _) in limits {
+                    inv.key(k).key(format!("{k}:spent"));
+                }
+                inv.key(&alive);
+                for (_, n, span) in limits {
+                    inv.arg(*n).arg(span.as_micros() as u64);
+                }
+                inv.arg(u8::from(drain)).arg(&member);
+                inv.invoke_async(&mut conn).await
+            })
+            .await?;
+        Ok(if ok == 1 {
+            ExactVerdict::Admitted {
+                at_us: u64::try_from(now_us).unwrap_or(0),
+            }
+        } else {
+            ExactVerdict::Wait(Duration::from_micros(wait_us.max(1) as u64))
+        })
     }
 
     pub async fn get_token(&self, key: &str) -> Result<Option<SharedToken>, ClusterError> {

@@ -560,6 +560,8 @@ impl Gateway {
         }
         loop {
             plan.attempts += 1;
+            // The token first: a slot must be spent on a request that goes at once.
+            self.await_token(&plan, ctx).await?;
             let admission = self.admit(&plan.bucket, plan.deadline, ctx).await?;
             let generation = self.inject_token(&mut plan, ctx).await?;
             let resp = self.forward(&mut plan.out, upstream, ctx, limits).await?;
@@ -841,6 +843,15 @@ impl Gateway {
             body,
             too_large,
         })
+    }
+
+    /// Token, before the quota: waits while the identity has no valid token (a sign-in in
+    /// flight), so the time between a quota slot and the send is not spent waiting for one.
+    async fn await_token(&self, plan: &Plan<'_>, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+        let waited = Instant::now();
+        self.tokens.ready(&plan.slot).await?;
+        ctx.token_wait += waited.elapsed();
+        Ok(())
     }
 
     /// Token: the identity's current access token (waiting only when it has none that is

@@ -135,6 +135,7 @@ pub(super) struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawQuota {
     pub(super) enabled: Option<bool>,
+    pub(super) algorithm: Option<String>,
     pub(super) mode: Option<String>,
     pub(super) max_wait: Option<String>,
     pub(super) scope: Option<String>,

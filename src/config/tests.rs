@@ -123,7 +123,7 @@ fn secrets_are_redacted_in_debug_and_print() {
 #[test]
 fn quota_settings_are_validated_with_their_keys() {
     let text = format!(
-        "{MINIMAL}\n[quota]\nburst = 150\nmode = \"sometimes\"\n[quota.operations.start_meeting]\nper_api_per_minute = 0\n[quota.operations.no_such_op]\nburst = 1\n"
+        "{MINIMAL}\n[quota]\nalgorithm = \"gcra\"\nburst = 150\nmode = \"sometimes\"\n[quota.operations.start_meeting]\nper_api_per_minute = 0\n[quota.operations.no_such_op]\nburst = 1\n"
     );
     let problems = load_str(&text, &env(&[("KEY1", "k")]))
         .expect_err("invalid")
@@ -143,6 +143,28 @@ fn quota_settings_are_validated_with_their_keys() {
             .filter(|p| p.starts_with("quota.burst"))
             .count(),
         1
+    );
+}
+
+#[test]
+fn the_exact_limiter_is_the_default_and_takes_any_burst() {
+    let c = load_str(MINIMAL, &env(&[("KEY1", "k")])).expect("valid");
+    assert_eq!(c.quota.algorithm, crate::quota::QuotaAlgorithm::Exact);
+    assert_eq!(c.quota.burst, None);
+    assert!(c.to_redacted_toml().contains("algorithm = \"exact\""));
+    // A burst at or above N is no cap under the exact limiter, not an error.
+    let text = format!("{MINIMAL}\n[quota]\nburst = 150\n");
+    let c = load_str(&text, &env(&[("KEY1", "k")])).expect("valid");
+    assert_eq!(c.quota.burst.map(|b| b.get()), Some(150));
+    let text = format!("{MINIMAL}\n[quota]\nalgorithm = \"fast\"\n");
+    let problems = load_str(&text, &env(&[("KEY1", "k")]))
+        .expect_err("invalid")
+        .problems();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("quota.algorithm = \"fast\"")),
+        "{problems:?}"
     );
 }
 

@@ -19,7 +19,9 @@ use crate::cluster::ClusterConfig;
 use crate::control::ControlConfig;
 use crate::limits::LimitsConfig;
 use crate::operations::OperationTable;
-use crate::quota::{LimitKind, OpQuota, QuotaConfig, QuotaMode, QuotaScope};
+use crate::quota::{
+    LimitKind, OpQuota, QuotaAlgorithm, QuotaConfig, QuotaMode, QuotaScope, GCRA_DEFAULT_BURST,
+};
 use crate::sdk::SdkConfig;
 use crate::secret::{redact_url, KeySource};
 use crate::telemetry::{LogConfig, LogFormat};
@@ -286,7 +288,19 @@ fn validate_quota(c: &mut Checker, q: RawQuota) -> QuotaConfig {
     let all_env_window = c.duration("quota.all_env_window", q.all_env_window.as_deref(), "1s");
     let per_api = non_zero(c, "quota.per_api_per_minute", q.per_api_per_minute, 100);
     let all_env = non_zero(c, "quota.all_env_per_second", q.all_env_per_second, 200);
-    let burst = non_zero(c, "quota.burst", q.burst, 10);
+    let burst = q.burst.map(|b| non_zero(c, "quota.burst", Some(b), 1));
+    let algorithm = match q.algorithm.as_deref().unwrap_or("exact") {
+        "exact" => QuotaAlgorithm::Exact,
+        "gcra" => QuotaAlgorithm::Gcra,
+        other => {
+            c.problem(
+                "quota.algorithm",
+                quoted(other),
+                "must be \"exact\" or \"gcra\"",
+            );
+            QuotaAlgorithm::Exact
+        }
+    };
 
     let table = OperationTable::global();
     let mut operations = BTreeMap::new();
@@ -312,6 +326,7 @@ fn validate_quota(c: &mut Checker, q: RawQuota) -> QuotaConfig {
     }
     let quota = QuotaConfig {
         enabled: q.enabled.unwrap_or(true),
+        algorithm,
         mode,
         max_wait,
         scope,
@@ -337,10 +352,11 @@ fn validate_quota(c: &mut Checker, q: RawQuota) -> QuotaConfig {
                 LimitKind::PerApi => ("per_api_per_minute", values.0),
                 LimitKind::AllEnv => ("all_env_per_second", values.1),
             };
+            let burst = values.2.map_or(GCRA_DEFAULT_BURST, NonZeroU32::get);
             c.problem(
                 format!("{prefix}burst"),
-                values.2,
-                format!("with {prefix}{key} = {n}: {msg}"),
+                burst,
+                format!("with {prefix}{key} = {n} and algorithm = \"gcra\": {msg}"),
             );
         }
     }

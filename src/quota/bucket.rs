@@ -5,12 +5,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use governor::clock::{Clock as GovernorClock, DefaultClock};
-
-use super::gcra::Limit;
-use super::limit::LimitKind;
+use super::gcra::{Gcra, Taken};
+use super::limit::{LimitKind, LimitParams};
+use super::limiter::{nanos, Engine, Limit};
 use crate::clock::LastUse;
 use crate::operations::OperationId;
+
+/// Most limits one bucket has (an operation has two).
+const MAX_LIMITS: usize = 4;
+
+impl Engine {
+    /// The GCRA limiter that decides or paces, if any.
+    fn gcra(&self) -> Option<&Gcra> {
+        match self {
+            Engine::Gcra(g) => Some(g),
+            Engine::Exact { pace, .. } => pace.as_ref(),
+        }
+    }
+}
 
 /// The mutable part of a bucket, touched only by the request at the head of its queue.
 pub(super) struct BucketState {
@@ -34,7 +46,7 @@ pub struct Bucket {
     pub(super) born: Instant,
     /// Milliseconds after `born` of the last request.
     pub(super) last_used: LastUse,
-    /// Largest emission interval: the spacing between two paced requests at worst.
+    /// Largest spacing of paced requests at the steady rate: a hold's length by default.
     pub(super) slowest: Duration,
     pub(super) margin: Duration,
     /// `q:<operation>:<app>:<user>` for the shared store's keys.
@@ -72,18 +84,16 @@ impl Bucket {
             .collect()
     }
 
-    /// Tries every limit, short window first; on refusal rolls back what earlier limits gave
-    /// and returns how long until a slot could be free.
+    /// Tries every limit at once; a slot is taken in each only if every one admits. Returns
+    /// how long until a slot could be free otherwise.
     pub(super) fn try_admit(&self, now: Instant) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Self::precheck(&mut state, now)?;
-        let spares = Self::check_limiters(&state.limits)?;
-        self.record(&mut state, now, Some(spares));
+        Self::check_limits(&mut state.limits, self.born, now)?;
+        self.record(&mut state, now);
         Ok(())
     }
 
-    /// Local fallback while the shared store is unreachable: this replica's share
-    /// (1/`max_replicas`) of every limit.
     /// Holds (after an upstream 429) and upstream-reported budgets.
     pub(super) fn precheck(state: &mut BucketState, now: Instant) -> Result<(), Duration> {
         if let Some(hold) = state.hold_until {
@@ -104,40 +114,85 @@ impl Bucket {
         Ok(())
     }
 
-    /// Every limiter, short window first; on a refusal the earlier ones get their slot back.
-    /// Returns each limiter's burst capacity left.
-    pub(super) fn check_limiters(limits: &[Limit]) -> Result<[u32; 2], Duration> {
-        let mut taken: [(u64, u32); 2] = [(0, 0); 2];
-        for (i, limit) in limits.iter().enumerate() {
-            let prev = limit.cell.0.load(Ordering::Acquire);
-            match limit.limiter.check() {
-                Ok(snapshot) => {
-                    if let Some(slot) = taken.get_mut(i) {
-                        *slot = (prev, snapshot.remaining_burst_capacity());
-                    }
+    /// How long until every exact ring of `limits` has a free slot (zero: now).
+    pub(super) fn exact_wait(limits: &[Limit], origin: Instant, now: Instant) -> Duration {
+        let t = nanos(origin, now);
+        limits
+            .iter()
+            .filter_map(|l| match (&l.engine, &l.params) {
+                (Engine::Exact { ring, .. }, LimitParams::Exact { span, .. }) => {
+                    Some(ring.wait(t, *span))
                 }
-                Err(not_until) => {
-                    let wait = not_until.wait_time_from(DefaultClock::default().now());
-                    for (j, (prev, _)) in taken.iter().enumerate().take(i) {
-                        limits[j].cell.0.store(*prev, Ordering::Release);
+                _ => None,
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Books an admission at `now` into every exact ring of `limits`.
+    pub(super) fn book_exact(limits: &mut [Limit], origin: Instant, now: Instant) {
+        let t = nanos(origin, now);
+        for l in limits {
+            if let Engine::Exact { ring, .. } = &mut l.engine {
+                ring.push(t);
+            }
+        }
+    }
+
+    /// Every limit's engine, exact rings first (they only read), then the GCRA limiters in
+    /// order; a refusal gives the earlier GCRA limiters their slot back. Only when all admit is
+    /// the admission booked in each.
+    pub(super) fn check_limits(
+        limits: &mut [Limit],
+        origin: Instant,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let t = nanos(origin, now);
+        let wait = Self::exact_wait(limits, origin, now);
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        let mut taken: [Option<Taken>; MAX_LIMITS] = [None; MAX_LIMITS];
+        for (i, limit) in limits.iter().enumerate().take(MAX_LIMITS) {
+            let Some(gcra) = limit.engine.gcra() else {
+                continue;
+            };
+            match gcra.check() {
+                Ok(t) => taken[i] = Some(t),
+                Err(wait) => {
+                    for (j, t) in taken.iter().enumerate().take(i) {
+                        if let (Some(t), Some(g)) = (t, limits[j].engine.gcra()) {
+                            g.roll_back(*t);
+                        }
                     }
-                    return Err(wait.max(Duration::from_millis(1)));
+                    return Err(wait);
                 }
             }
         }
-        Ok([taken[0].1, taken[1].1])
+        for (limit, taken) in limits.iter_mut().zip(taken) {
+            match &mut limit.engine {
+                Engine::Exact { ring, pace } => {
+                    ring.push(t);
+                    if let (Some(g), Some(taken)) = (pace, taken) {
+                        g.commit(taken, now);
+                    }
+                }
+                Engine::Gcra(g) => {
+                    if let Some(taken) = taken {
+                        g.commit(taken, now);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Books an admission into our own accounting (for the upstream counters and estimates).
-    pub(super) fn record(&self, state: &mut BucketState, now: Instant, spares: Option<[u32; 2]>) {
+    pub(super) fn record(&self, state: &mut BucketState, now: Instant) {
         state.in_flight += 1;
-        for (i, limit) in state.limits.iter_mut().enumerate() {
+        for limit in state.limits.iter_mut() {
             limit.prune(now, self.margin);
             limit.recent.push(now);
-            if let Some(spares) = spares {
-                limit.spare = spares.get(i).copied().unwrap_or(0);
-                limit.spare_at = now;
-            }
             if let Some(b) = &mut limit.budget {
                 b.remain = b.remain.saturating_sub(1);
             }
@@ -160,13 +215,7 @@ impl Bucket {
             .hold_until
             .map_or(Duration::ZERO, |h| h.saturating_duration_since(now));
         for limit in &state.limits {
-            let short = (ahead + 1).saturating_sub(limit.available(now));
-            wait = wait.max(
-                limit
-                    .params
-                    .interval
-                    .saturating_mul(short.min(u64::from(u32::MAX)) as u32),
-            );
+            wait = wait.max(limit.estimate(ahead, self.born, now));
         }
         wait
     }

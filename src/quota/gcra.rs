@@ -1,24 +1,24 @@
-//! One limit's governor (GCRA) limiter: a state cell that can be rolled back when a later limit
-//! refuses, the burst capacity left, and rebuilding with new parameters without a fresh burst.
+//! One GCRA limiter (governor): a state cell that can be rolled back when a later limit
+//! refuses, and the burst capacity left, to estimate a queue's wait. It enforces a limit on
+//! its own (`algorithm = "gcra"`) or paces the exact limiter (a configured `burst`).
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use governor::clock::DefaultClock;
+use governor::clock::{Clock as GovernorClock, DefaultClock};
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 
-use super::limit::{GcraParams, LimitSpec};
-use super::report::{Budget, Recent};
+use super::limit::GcraParams;
 
 /// Governor state that can be rolled back: a request refused by a later limiter must not keep
-/// the slot an earlier one gave it. Only touched under the bucket's gate.
+/// the slot an earlier one gave it. Only touched under the bucket's lock.
 #[derive(Clone, Default)]
-pub(super) struct RollbackCell(pub(super) Arc<AtomicU64>);
+struct RollbackCell(Arc<AtomicU64>);
 
 impl StateStore for RollbackCell {
     type Key = NotKeyed;
@@ -34,32 +34,27 @@ impl StateStore for RollbackCell {
     }
 }
 
-pub(super) type Limiter =
-    RateLimiter<NotKeyed, RollbackCell, DefaultClock, StateInformationMiddleware>;
+type Limiter = RateLimiter<NotKeyed, RollbackCell, DefaultClock, StateInformationMiddleware>;
 
-pub(super) struct Limit {
-    pub(super) spec: LimitSpec,
-    pub(super) params: GcraParams,
-    pub(super) limiter: Limiter,
-    pub(super) cell: RollbackCell,
-    /// Our own admissions inside the last window: what we expect the upstream to have counted.
-    pub(super) recent: Recent,
-    pub(super) budget: Option<Budget>,
-    /// Burst capacity left after the last admission, and when: to estimate a queue's wait.
-    pub(super) spare: u32,
-    pub(super) spare_at: Instant,
-    /// What the upstream's counter said last, for metrics.
-    pub(super) last_upstream_remain: Option<u64>,
+/// What a check took, to give it back ([`Gcra::roll_back`]) or book it ([`Gcra::commit`]).
+#[derive(Clone, Copy)]
+pub(super) struct Taken {
+    prev: u64,
+    spare: u32,
 }
 
-impl Limit {
+pub(super) struct Gcra {
+    pub(super) params: GcraParams,
+    limiter: Limiter,
+    cell: RollbackCell,
+    /// Burst capacity left after the last admission, and when: to estimate a queue's wait.
+    spare: u32,
+    spare_at: Instant,
+}
+
+impl Gcra {
     /// A limiter with `available` of its burst usable at once (the rest counts as just spent).
-    pub(super) fn new(
-        spec: LimitSpec,
-        params: GcraParams,
-        clock: &DefaultClock,
-        available: u32,
-    ) -> Limit {
+    pub(super) fn new(params: GcraParams, clock: &DefaultClock, available: u32) -> Gcra {
         let cell = RollbackCell::default();
         let quota = Quota::with_period(params.interval)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
@@ -77,54 +72,59 @@ impl Limit {
                 break;
             }
         }
-        Limit {
-            spec,
+        Gcra {
             params,
             limiter,
             cell,
-            recent: Recent::new(spec.window, Instant::now()),
-            budget: None,
             spare,
             spare_at: Instant::now(),
-            last_upstream_remain: None,
         }
     }
 
-    /// Replaces `old` with new parameters without granting a fresh burst: what can go at once
-    /// is no more than before, and no more than the new burst less our own requests of the
-    /// last window (which the new limiter never saw).
-    pub(super) fn rebuilt(
-        old: Limit,
-        spec: LimitSpec,
-        params: GcraParams,
-        clock: &DefaultClock,
-        now: Instant,
-    ) -> Limit {
-        let used = old
-            .recent
-            .count_within(now, old.spec.window.max(spec.window));
-        let available = old
-            .available(now)
-            .min(u64::from(params.burst.get()).saturating_sub(used));
-        let mut fresh = Limit::new(spec, params, clock, available as u32);
-        fresh.recent = old.recent;
-        fresh.budget = old.budget;
-        fresh.last_upstream_remain = old.last_upstream_remain;
-        fresh
+    /// Takes a slot if one is free now; else how long until one is.
+    pub(super) fn check(&self) -> Result<Taken, Duration> {
+        let prev = self.cell.0.load(Ordering::Acquire);
+        match self.limiter.check() {
+            Ok(snapshot) => Ok(Taken {
+                prev,
+                spare: snapshot.remaining_burst_capacity(),
+            }),
+            Err(not_until) => Err(not_until
+                .wait_time_from(DefaultClock::default().now())
+                .max(Duration::from_millis(1))),
+        }
+    }
+
+    /// Gives back what `check` took.
+    pub(super) fn roll_back(&self, taken: Taken) {
+        self.cell.0.store(taken.prev, Ordering::Release);
+    }
+
+    /// Books what `check` took, for the estimates.
+    pub(super) fn commit(&mut self, taken: Taken, now: Instant) {
+        self.spare = taken.spare;
+        self.spare_at = now;
     }
 
     /// Slots available at `now`, from the capacity left at the last admission plus what has
     /// been replenished since.
     pub(super) fn available(&self, now: Instant) -> u64 {
-        let refilled =
-            now.duration_since(self.spare_at).as_nanos() / self.params.interval.as_nanos().max(1);
+        let refilled = now.saturating_duration_since(self.spare_at).as_nanos()
+            / self.params.interval.as_nanos().max(1);
         (u64::from(self.spare) + refilled as u64).min(u64::from(self.params.burst.get()))
     }
 
-    /// Keeps our admissions of the last `window + margin`: a request we admitted just over a
-    /// window ago may have reached the upstream just under one, and must still count as ours
-    /// or the upstream's counters would look like someone else's traffic.
-    pub(super) fn prune(&mut self, now: Instant, margin: Duration) {
-        self.recent.prune(now, self.spec.window + margin);
+    /// How long the request with `ahead` requests before it will likely wait here.
+    pub(super) fn estimate(&self, ahead: u64, now: Instant) -> Duration {
+        let short = (ahead + 1).saturating_sub(self.available(now));
+        self.params
+            .interval
+            .saturating_mul(short.min(u64::from(u32::MAX)) as u32)
+    }
+
+    /// The cell's raw state, for tests of the rollback.
+    #[cfg(test)]
+    pub(super) fn state(&self) -> u64 {
+        self.cell.0.load(Ordering::Acquire)
     }
 }

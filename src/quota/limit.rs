@@ -30,36 +30,79 @@ pub struct LimitSpec {
     pub window: Duration,
 }
 
+/// How one limit is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitParams {
+    /// The exact limiter: at most `limit` admissions in any `span` (the window plus the safety
+    /// margin), with an optional GCRA `pace` that lets at most its burst go back to back and
+    /// spreads the rest at `span / limit` (from a configured `burst`).
+    Exact {
+        span: Duration,
+        pace: Option<GcraParams>,
+    },
+    /// GCRA alone (governor), with window-safe parameters ([`derive`]).
+    Gcra(GcraParams),
+}
+
+impl LimitParams {
+    /// The spacing of paced requests at the steady rate: what a hold lasts when the upstream's
+    /// 429 names no `Retry-After`.
+    pub fn interval(&self, limit: NonZeroU32) -> Duration {
+        match self {
+            LimitParams::Exact { span, .. } => *span / limit.get(),
+            LimitParams::Gcra(p) => p.interval,
+        }
+    }
+}
+
+/// The exact limiter's parameters for `limit` per `window`: the span `window + margin`, and a
+/// pace when `burst` caps back-to-back admissions below the limit.
+pub fn exact(
+    limit: NonZeroU32,
+    window: Duration,
+    margin: Duration,
+    burst: Option<NonZeroU32>,
+) -> LimitParams {
+    let span = window + margin;
+    let pace = burst.filter(|b| *b < limit).map(|burst| GcraParams {
+        burst,
+        interval: span / limit.get() + Duration::from_nanos(1),
+    });
+    LimitParams::Exact { span, pace }
+}
+
 /// This replica's share of a limit when replicas cannot coordinate: N / replicas (at least 1)
-/// in the same window, with the burst cut to fit.
+/// in the same window, with a burst or pace cut to fit.
 pub fn fallback_share(
     spec: LimitSpec,
-    params: GcraParams,
+    params: LimitParams,
     margin: Duration,
     replicas: u32,
-) -> (LimitSpec, GcraParams) {
+) -> (LimitSpec, LimitParams) {
     let n = (spec.limit.get() / replicas.max(1)).max(1);
     let limit = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
     let share = LimitSpec { limit, ..spec };
-    if n == 1 {
-        // One per window (plus margin): burst 1, interval longer than the window.
-        let interval = spec.window + margin + Duration::from_nanos(1);
-        return (
+    match params {
+        LimitParams::Exact { pace, .. } => (
             share,
-            GcraParams {
+            exact(limit, spec.window, margin, pace.map(|p| p.burst)),
+        ),
+        LimitParams::Gcra(params) => {
+            // One per window (plus margin): burst 1, interval longer than the window.
+            let one = GcraParams {
                 burst: NonZeroU32::MIN,
-                interval,
-            },
-        );
+                interval: spec.window + margin + Duration::from_nanos(1),
+            };
+            if n == 1 {
+                return (share, LimitParams::Gcra(one));
+            }
+            let burst = params
+                .burst
+                .min(NonZeroU32::new(n - 1).unwrap_or(NonZeroU32::MIN));
+            let derived = derive(limit, spec.window, margin, burst).unwrap_or(one);
+            (share, LimitParams::Gcra(derived))
+        }
     }
-    let burst = params
-        .burst
-        .min(NonZeroU32::new(n - 1).unwrap_or(NonZeroU32::MIN));
-    let derived = derive(limit, spec.window, margin, burst).unwrap_or(GcraParams {
-        burst: NonZeroU32::MIN,
-        interval: spec.window + margin + Duration::from_nanos(1),
-    });
-    (share, derived)
 }
 
 /// GCRA parameters: `burst` at once, then one per `interval`.

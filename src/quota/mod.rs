@@ -3,16 +3,20 @@
 //! the shared mode's bridge to Redis.
 //!
 //! - `settings`: `[quota]` and each operation's resolved limits;
-//! - `limit`: what a limit is, and the GCRA arithmetic that keeps every window under it;
-//! - `gcra`: one limit's governor limiter;
+//! - `limit`: what a limit is and how it is enforced (exact, or GCRA's window-safe arithmetic);
+//! - `exact`: the exact limiter, a ring of the last N admission times;
+//! - `gcra`: a governor limiter, alone or pacing the exact one;
+//! - `limiter`: one limit's state in a bucket (its engine, our own count, the upstream's budget);
 //! - `bucket`: an operation's limits for one scope key, admitted together;
 //! - `pacing`: the queue of waiting requests;
 //! - `report`: the upstream's counters;
 //! - `shared`: decisions on Redis, and the fallback share.
 
 mod bucket;
+mod exact;
 mod gcra;
 mod limit;
+mod limiter;
 mod pacing;
 mod report;
 mod settings;
@@ -30,15 +34,17 @@ use arc_swap::ArcSwap;
 use governor::clock::DefaultClock;
 
 pub use bucket::{Admission, Bucket, BucketKey, Refused};
-pub use limit::{derive, fallback_share, GcraParams, LimitKind, LimitSpec};
+pub use limit::{derive, exact, fallback_share, GcraParams, LimitKind, LimitParams, LimitSpec};
 pub use report::{parse_ratelimit, RateLimitReport};
-pub use settings::{OpQuota, QuotaConfig, QuotaMode, QuotaScope};
+pub use settings::{
+    OpQuota, QuotaAlgorithm, QuotaConfig, QuotaMode, QuotaScope, GCRA_DEFAULT_BURST,
+};
 
 use crate::clock::LastUse;
 use crate::cluster::Cluster;
 use crate::operations::OperationId;
 use bucket::BucketState;
-use gcra::Limit;
+use limiter::Limit;
 
 /// All buckets and the settings they are built from.
 pub struct QuotaManager {
@@ -103,8 +109,8 @@ impl QuotaManager {
     }
 
     /// Applies reloaded quota settings. Buckets keep their history; a limit whose parameters
-    /// changed gets a new limiter that starts with its burst spent, so a reload never grants a
-    /// fresh burst.
+    /// changed is rebuilt keeping the admissions of its window (a lowered N keeps the newest),
+    /// so a reload never grants a fresh burst.
     pub fn reconfigure(&self, cfg: QuotaConfig) {
         let buckets = self.buckets();
         let now = Instant::now();
@@ -116,8 +122,22 @@ impl QuotaManager {
                 let old = state.limits.iter().position(|l| l.spec.kind == spec.kind);
                 match old.map(|i| state.limits.swap_remove(i)) {
                     Some(l) if l.spec == spec && l.params == params => limits.push(l),
-                    Some(l) => limits.push(Limit::rebuilt(l, spec, params, &self.clock, now)),
-                    None => limits.push(Limit::new(spec, params, &self.clock, 0)),
+                    Some(l) => limits.push(Limit::rebuilt(
+                        l,
+                        spec,
+                        params,
+                        &self.clock,
+                        bucket.born,
+                        now,
+                    )),
+                    None => limits.push(Limit::new(
+                        spec,
+                        params,
+                        &self.clock,
+                        bucket.born,
+                        now,
+                        false,
+                    )),
                 }
             }
             limits.sort_by_key(|l| l.spec.window);
@@ -155,14 +175,15 @@ impl QuotaManager {
         }
         let op = key.op;
         let cfg = self.cfg.load();
+        let born = Instant::now();
         let limits = cfg
             .limits_for(op)
             .into_iter()
-            .map(|(spec, params)| Limit::new(spec, params, &self.clock, params.burst.get()))
+            .map(|(spec, params)| Limit::new(spec, params, &self.clock, born, born, true))
             .collect::<Vec<_>>();
         let slowest = limits
             .iter()
-            .map(|l| l.params.interval)
+            .map(|l| l.params.interval(l.spec.limit))
             .max()
             .unwrap_or_default();
         let bucket = Arc::new(Bucket {
@@ -175,7 +196,7 @@ impl QuotaManager {
                 in_flight: 0,
             }),
             waiting: AtomicUsize::new(0),
-            born: Instant::now(),
+            born,
             last_used: LastUse::new(0),
             slowest,
             margin: cfg.safety_margin,

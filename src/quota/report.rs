@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use super::bucket::{Admission, Bucket, BucketState};
-use super::gcra::Limit;
-use super::limit::{derive, LimitKind, LimitSpec};
+use super::limit::{derive, exact, LimitKind, LimitParams, LimitSpec};
+use super::limiter::Limit;
 use super::QuotaManager;
 use crate::headers::{X_APIG_RATELIMIT_ALLENV, X_APIG_RATELIMIT_API};
 use crate::operations::OperationId;
@@ -78,6 +78,18 @@ impl Recent {
             .filter(|(i, _)| *i >= oldest)
             .map(|(_, n)| u64::from(*n))
             .sum()
+    }
+
+    /// Every admission counted, as the end of its slot (when it surely happened by), oldest
+    /// first.
+    pub(super) fn admissions(&self) -> impl Iterator<Item = Instant> + '_ {
+        self.slots.iter().flat_map(move |&(i, n)| {
+            let end = self.origin
+                + self
+                    .slot
+                    .saturating_mul(u32::try_from(i + 1).unwrap_or(u32::MAX));
+            std::iter::repeat_n(end, n as usize)
+        })
     }
 
     pub(super) fn total(&self) -> u64 {
@@ -187,19 +199,31 @@ impl QuotaManager {
                     limit: reported.min(limit.spec.limit),
                     window: window.max(limit.spec.window),
                 };
-                let burst = limit.params.burst.min(
-                    NonZeroU32::new(spec.limit.get().saturating_sub(1)).unwrap_or(NonZeroU32::MIN),
-                );
-                if let Ok(params) = derive(
-                    spec.limit,
-                    spec.window,
-                    self.cfg.load().safety_margin,
-                    burst,
-                ) {
+                let margin = self.cfg.load().safety_margin;
+                let params = match limit.params {
+                    LimitParams::Exact { pace, .. } => Some(exact(
+                        spec.limit,
+                        spec.window,
+                        margin,
+                        pace.map(|p| p.burst),
+                    )),
+                    LimitParams::Gcra(p) => {
+                        let burst = p.burst.min(
+                            NonZeroU32::new(spec.limit.get().saturating_sub(1))
+                                .unwrap_or(NonZeroU32::MIN),
+                        );
+                        derive(spec.limit, spec.window, margin, burst)
+                            .ok()
+                            .map(LimitParams::Gcra)
+                    }
+                };
+                if let Some(params) = params {
                     self.warn_once(bucket.op, kind, limit.spec, spec);
-                    // Swap in a placeholder, then rebuild from the old limiter.
-                    let old = std::mem::replace(limit, Limit::new(spec, params, &self.clock, 0));
-                    *limit = Limit::rebuilt(old, spec, params, &self.clock, now);
+                    // Swap in a placeholder, then rebuild from the old limit.
+                    let placeholder =
+                        Limit::new(spec, params, &self.clock, bucket.born, now, false);
+                    let old = std::mem::replace(limit, placeholder);
+                    *limit = Limit::rebuilt(old, spec, params, &self.clock, bucket.born, now);
                 }
             }
         }

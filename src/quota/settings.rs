@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::limit::{derive, GcraParams, LimitKind, LimitSpec};
+use super::limit::{derive, exact, LimitKind, LimitParams, LimitSpec};
 use crate::operations::{OperationId, OperationTable};
 use crate::secret::print;
 
@@ -31,6 +31,20 @@ pub enum QuotaScope {
     Gateway,
 }
 
+/// Which limiter enforces the upstream's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaAlgorithm {
+    /// Exact: the admission times of the last N per limit; a request goes exactly when fewer
+    /// than N went in the last window plus margin. A full window goes at once after idle.
+    Exact,
+    /// GCRA (governor): requests spread evenly; at most `b + ceil(W/T) - 1` in any window.
+    Gcra,
+}
+
+/// The burst GCRA uses where none is configured.
+pub const GCRA_DEFAULT_BURST: u32 = 10;
+
 /// One operation's overrides of the defaults (`[quota.operations.<name>]`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct OpQuota {
@@ -47,6 +61,7 @@ pub struct OpQuota {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QuotaConfig {
     pub enabled: bool,
+    pub algorithm: QuotaAlgorithm,
     pub mode: QuotaMode,
     #[serde(serialize_with = "print::duration")]
     pub max_wait: Duration,
@@ -57,7 +72,10 @@ pub struct QuotaConfig {
     pub per_api_window: Duration,
     #[serde(serialize_with = "print::duration")]
     pub all_env_window: Duration,
-    pub burst: NonZeroU32,
+    /// Exact: the most admitted back to back before the rest are spread at `W/N` (none: a
+    /// full window may go at once). GCRA: its burst (10 when unset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<NonZeroU32>,
     #[serde(serialize_with = "print::duration")]
     pub safety_margin: Duration,
     /// Overrides by operation name (names the operation table knows).
@@ -65,12 +83,14 @@ pub struct QuotaConfig {
 }
 
 impl QuotaConfig {
-    /// Defaults everywhere: 100 per minute per API, 200 per second across environments,
-    /// burst 10, margin 100 ms, pacing up to 5 s, one bucket per operation and app.
+    /// Defaults everywhere: the exact limiter, 100 per minute per API, 200 per second across
+    /// environments, no burst cap, margin 100 ms, pacing up to 5 s, one bucket per operation
+    /// and app.
     pub fn default_limits() -> QuotaConfig {
         let nz = |n| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         QuotaConfig {
             enabled: true,
+            algorithm: QuotaAlgorithm::Exact,
             mode: QuotaMode::Pace,
             max_wait: Duration::from_secs(5),
             scope: QuotaScope::App,
@@ -78,7 +98,7 @@ impl QuotaConfig {
             all_env_per_second: nz(200),
             per_api_window: Duration::from_secs(60),
             all_env_window: Duration::from_secs(1),
-            burst: nz(10),
+            burst: None,
             safety_margin: Duration::from_millis(100),
             operations: BTreeMap::new(),
         }
@@ -86,21 +106,21 @@ impl QuotaConfig {
 
     /// The limits one operation gets: its overrides, else the defaults, as
     /// (per_api_per_minute, all_env_per_second, burst).
-    pub fn values_for(&self, name: &str) -> (NonZeroU32, NonZeroU32, NonZeroU32) {
+    pub fn values_for(&self, name: &str) -> (NonZeroU32, NonZeroU32, Option<NonZeroU32>) {
         let o = self.operations.get(name).copied().unwrap_or_default();
         (
             o.per_api_per_minute.unwrap_or(self.per_api_per_minute),
             o.all_env_per_second.unwrap_or(self.all_env_per_second),
-            o.burst.unwrap_or(self.burst),
+            o.burst.or(self.burst),
         )
     }
 
-    /// Each limit of `values` with its GCRA parameters, shortest window first; the limits that
-    /// cannot hold with that burst come back as errors (kind, message).
+    /// Each limit of `values` with how it is enforced, shortest window first; the limits
+    /// that cannot hold with that burst (GCRA) come back as errors (kind, message).
     pub fn resolve(
         &self,
-        (per_api, all_env, burst): (NonZeroU32, NonZeroU32, NonZeroU32),
-    ) -> Vec<Result<(LimitSpec, GcraParams), (LimitKind, String)>> {
+        (per_api, all_env, burst): (NonZeroU32, NonZeroU32, Option<NonZeroU32>),
+    ) -> Vec<Result<(LimitSpec, LimitParams), (LimitKind, String)>> {
         let mut limits = [
             (LimitKind::AllEnv, all_env, self.all_env_window),
             (LimitKind::PerApi, per_api, self.per_api_window),
@@ -109,7 +129,16 @@ impl QuotaConfig {
         limits
             .into_iter()
             .map(|(kind, limit, window)| {
-                derive(limit, window, self.safety_margin, burst)
+                let params = match self.algorithm {
+                    QuotaAlgorithm::Exact => Ok(exact(limit, window, self.safety_margin, burst)),
+                    QuotaAlgorithm::Gcra => {
+                        let burst = burst.unwrap_or(
+                            NonZeroU32::new(GCRA_DEFAULT_BURST).unwrap_or(NonZeroU32::MIN),
+                        );
+                        derive(limit, window, self.safety_margin, burst).map(LimitParams::Gcra)
+                    }
+                };
+                params
                     .map(|params| {
                         (
                             LimitSpec {
@@ -127,7 +156,7 @@ impl QuotaConfig {
 
     /// The limits covering `op`, shortest window first. Validation refused every setting whose
     /// limits cannot hold, so none is left out here.
-    pub fn limits_for(&self, op: OperationId) -> Vec<(LimitSpec, GcraParams)> {
+    pub fn limits_for(&self, op: OperationId) -> Vec<(LimitSpec, LimitParams)> {
         let name = OperationTable::global().get(op).name;
         self.resolve(self.values_for(name))
             .into_iter()
@@ -140,21 +169,23 @@ impl QuotaConfig {
         self.per_api_window.max(self.all_env_window)
     }
 
-    /// Every operation gets these two limits (unit tests and benches).
+    /// Every operation gets these two limits under `algorithm` (unit tests and benches).
     pub fn uniform(
+        algorithm: QuotaAlgorithm,
         per_api: u32,
         per_api_window: Duration,
         all_env: u32,
         all_env_window: Duration,
-        burst: u32,
+        burst: Option<u32>,
     ) -> QuotaConfig {
         let nz = |n| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         QuotaConfig {
+            algorithm,
             per_api_per_minute: nz(per_api),
             all_env_per_second: nz(all_env),
             per_api_window,
             all_env_window,
-            burst: nz(burst),
+            burst: burst.map(nz),
             ..QuotaConfig::default_limits()
         }
     }

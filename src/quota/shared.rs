@@ -1,15 +1,23 @@
-//! The shared-mode bridge: a bucket's decisions made by the Redis script, and the local
-//! fallback share while Redis is unreachable.
+//! The shared-mode bridge: a bucket's decisions made by the Redis script (the exact limiter's
+//! sorted sets, or GCRA), and the local fallback share while Redis is unreachable.
 
 use std::time::{Duration, Instant};
 
 use governor::clock::DefaultClock;
 
 use super::bucket::Bucket;
-use super::gcra::Limit;
-use super::limit::fallback_share;
+use super::limit::{fallback_share, LimitParams};
+use super::limiter::Limit;
 use super::{QuotaConfig, QuotaManager};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ExactVerdict};
+
+/// A bucket's limits as the shared store decides them.
+pub(super) enum SharedLimits {
+    /// (key, N, span) per limit.
+    Exact(Vec<(String, u32, Duration)>),
+    /// (key, emission interval, tolerance) per limit.
+    Gcra(Vec<(String, Duration, Duration)>),
+}
 
 impl Bucket {
     /// Local fallback while the shared store is unreachable: this replica's share
@@ -29,32 +37,49 @@ impl Bucket {
                 .iter()
                 .map(|l| {
                     let (spec, params) = fallback_share(l.spec, l.params, margin, replicas);
-                    // Starts spent: falling back never grants a fresh burst on top of the
-                    // shared one just used.
-                    Limit::new(spec, params, clock, 0)
+                    Limit::fallback(spec, params, clock, self.born, now)
                 })
                 .collect();
         }
-        Self::check_limiters(&state.fallback)?;
-        self.record(&mut state, now, None);
+        Self::check_limits(&mut state.fallback, self.born, now)?;
+        self.record(&mut state, now);
         Ok(())
     }
 
-    /// The shared keys and GCRA parameters (interval, tolerance) of this bucket's limits.
-    pub(super) fn shared_limits(&self, cluster: &Cluster) -> Vec<(String, Duration, Duration)> {
+    /// The shared keys and parameters of this bucket's limits.
+    pub(super) fn shared_limits(&self, cluster: &Cluster) -> SharedLimits {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state
+        let key = |l: &Limit| cluster.key(&[&self.shared_base, l.spec.kind.as_str()]);
+        let exact = state
             .limits
             .iter()
-            .map(|l| {
-                let tau = l.params.interval.saturating_mul(l.params.burst.get() - 1);
-                (
-                    cluster.key(&[&self.shared_base, l.spec.kind.as_str()]),
-                    l.params.interval,
-                    tau,
-                )
-            })
-            .collect()
+            .all(|l| matches!(l.params, LimitParams::Exact { .. }));
+        if exact {
+            SharedLimits::Exact(
+                state
+                    .limits
+                    .iter()
+                    .filter_map(|l| match l.params {
+                        LimitParams::Exact { span, .. } => Some((key(l), l.spec.limit.get(), span)),
+                        LimitParams::Gcra(_) => None,
+                    })
+                    .collect(),
+            )
+        } else {
+            SharedLimits::Gcra(
+                state
+                    .limits
+                    .iter()
+                    .filter_map(|l| match l.params {
+                        LimitParams::Gcra(p) => {
+                            let tau = p.interval.saturating_mul(p.burst.get() - 1);
+                            Some((key(l), p.interval, tau))
+                        }
+                        LimitParams::Exact { .. } => None,
+                    })
+                    .collect(),
+            )
+        }
     }
 }
 
@@ -67,19 +92,37 @@ impl QuotaManager {
         now: Instant,
         cfg: &QuotaConfig,
     ) -> Result<(), Duration> {
+        let longest = cfg.longest_window() + cfg.safety_margin;
+        // For a window after Redis came back, this replica also keeps to its fallback share,
+        // counting what it admitted while falling back: the other replicas' fallback
+        // admissions are not in Redis, and together the shares stay within the limit.
+        let resuming = cluster.recently_resumed(longest);
         {
             let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
             Bucket::precheck(&mut state, now)?;
+            if resuming {
+                let wait = Bucket::exact_wait(&state.fallback, bucket.born, now);
+                if !wait.is_zero() {
+                    return Err(wait);
+                }
+            }
         }
-        let limits = bucket.shared_limits(cluster);
-        match cluster
-            .gcra(&limits, cfg.longest_window() + cfg.safety_margin)
-            .await
-        {
+        let verdict = match bucket.shared_limits(cluster) {
+            SharedLimits::Exact(limits) => cluster.exact(&limits, longest).await.map(|v| match v {
+                ExactVerdict::Admitted { .. } => None,
+                ExactVerdict::Wait(wait) => Some(wait),
+            }),
+            SharedLimits::Gcra(limits) => cluster.gcra(&limits, longest).await,
+        };
+        match verdict {
             Ok(None) => {
                 let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.fallback.clear();
-                bucket.record(&mut state, now, None);
+                if resuming {
+                    Bucket::book_exact(&mut state.fallback, bucket.born, now);
+                } else {
+                    state.fallback.clear();
+                }
+                bucket.record(&mut state, now);
                 Ok(())
             }
             Ok(Some(wait)) => Err(wait),

@@ -9,7 +9,6 @@ use governor::{Quota, RateLimiter};
 use http::HeaderMap;
 use proptest::prelude::*;
 use std::num::NonZeroU32;
-use std::sync::atomic::Ordering;
 
 fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).expect("non-zero")
@@ -18,13 +17,15 @@ fn nz(n: u32) -> NonZeroU32 {
 /// A manager whose limits are N per W (per API) and N per W (all environments), burst b,
 /// and its bucket for the first operation.
 fn one_bucket(
+    algorithm: QuotaAlgorithm,
     per_api: u32,
     per_api_s: u64,
     all_env: u32,
     all_env_s: u64,
-    burst: u32,
+    burst: Option<u32>,
 ) -> (Arc<QuotaManager>, Arc<Bucket>) {
     let cfg = QuotaConfig::uniform(
+        algorithm,
         per_api,
         Duration::from_secs(per_api_s),
         all_env,
@@ -152,14 +153,17 @@ fn ratelimit_headers_parse_tolerantly() {
 #[test]
 fn rollback_keeps_the_earlier_limiters_slot() {
     // Per minute: 3 with burst 2 (then one per ~30 s); per second: 100 with burst 2.
-    let (_mgr, bucket) = one_bucket(3, 60, 100, 1, 2);
+    let (_mgr, bucket) = one_bucket(QuotaAlgorithm::Gcra, 3, 60, 100, 1, Some(2));
     assert!(bucket.try_admit(Instant::now()).is_ok());
     assert!(bucket.try_admit(Instant::now()).is_ok());
     let cells = || -> Vec<u64> {
         let s = bucket.state.lock().expect("lock");
         s.limits
             .iter()
-            .map(|l| l.cell.0.load(Ordering::Acquire))
+            .map(|l| match &l.engine {
+                super::limiter::Engine::Gcra(g) => g.state(),
+                super::limiter::Engine::Exact { .. } => 0,
+            })
             .collect()
     };
     // Poll until the per-second limiter has refilled and admits, so that the refusal comes
@@ -198,7 +202,7 @@ fn apply_per_api(mgr: &QuotaManager, bucket: &Bucket, report: RateLimitReport) {
 
 #[tokio::test]
 async fn a_request_is_in_flight_until_its_report_is_read_or_it_is_dropped() {
-    let (mgr, bucket) = one_bucket(50, 60, 100, 1, 10);
+    let (mgr, bucket) = one_bucket(QuotaAlgorithm::Gcra, 50, 60, 100, 1, Some(10));
     let key = BucketKey {
         op: OperationId::from_index(0),
         app: None,
@@ -235,7 +239,7 @@ async fn a_request_is_in_flight_until_its_report_is_read_or_it_is_dropped() {
 
 #[test]
 fn a_shared_quota_limits_the_bucket_to_what_is_left() {
-    let (mgr, bucket) = one_bucket(50, 60, 100, 1, 10);
+    let (mgr, bucket) = one_bucket(QuotaAlgorithm::Gcra, 50, 60, 100, 1, Some(10));
     let now = Instant::now();
     assert!(bucket.try_admit(now).is_ok());
     // We sent 1 of 50; the upstream says only 2 are left: someone else used 47.
@@ -284,7 +288,7 @@ fn recent_admissions_are_counted_per_slot_in_bounded_memory() {
 
 #[test]
 fn our_own_requests_at_the_window_edge_do_not_look_like_a_shared_quota() {
-    let (mgr, bucket) = one_bucket(50, 60, 100, 1, 10);
+    let (mgr, bucket) = one_bucket(QuotaAlgorithm::Gcra, 50, 60, 100, 1, Some(10));
     assert!(bucket.try_admit(Instant::now()).is_ok());
     // Admitted just over a window ago here, but the upstream counted it just under one.
     {
@@ -314,11 +318,12 @@ fn our_own_requests_at_the_window_edge_do_not_look_like_a_shared_quota() {
 #[test]
 fn a_lower_reported_limit_replaces_ours_without_a_fresh_burst() {
     let cfg = QuotaConfig::uniform(
+        QuotaAlgorithm::Gcra,
         100,
         Duration::from_secs(60),
         200,
         Duration::from_secs(1),
-        10,
+        Some(10),
     );
     let mgr = QuotaManager::new(cfg);
     let bucket = mgr.bucket(&BucketKey {
@@ -346,8 +351,196 @@ fn a_lower_reported_limit_replaces_ours_without_a_fresh_burst() {
         .find(|l| l.spec.kind == LimitKind::PerApi)
         .expect("limit");
     assert_eq!(per_api.spec.limit.get(), 5);
-    assert_eq!(per_api.params.burst.get(), 4);
+    assert!(matches!(per_api.params, LimitParams::Gcra(p) if p.burst.get() == 4));
     drop(s);
     // Our 4 already fill the new burst of 4: nothing more at once.
     assert!(bucket.try_admit(Instant::now()).is_err());
+}
+
+// === the exact limiter ===
+
+fn exact_bucket(
+    per_api: u32,
+    per_api_s: u64,
+    all_env: u32,
+    burst: Option<u32>,
+) -> (Arc<QuotaManager>, Arc<Bucket>) {
+    one_bucket(QuotaAlgorithm::Exact, per_api, per_api_s, all_env, 1, burst)
+}
+
+#[test]
+fn exact_admits_a_full_window_at_once_then_waits_for_the_oldest() {
+    let (_mgr, bucket) = exact_bucket(5, 60, 100, None);
+    let t0 = bucket.born + Duration::from_secs(1);
+    for i in 0..5 {
+        assert!(
+            bucket.try_admit(t0 + Duration::from_millis(i)).is_ok(),
+            "{i}"
+        );
+    }
+    let wait = bucket
+        .try_admit(t0 + Duration::from_secs(10))
+        .expect_err("window full");
+    // The first admission leaves the window (60 s + 100 ms margin) 50.1 s from then.
+    assert!(
+        (Duration::from_millis(50_100)..Duration::from_millis(50_101)).contains(&wait),
+        "{wait:?}"
+    );
+    assert!(bucket.try_admit(t0 + Duration::from_millis(60_101)).is_ok());
+}
+
+#[test]
+fn exact_consumes_a_slot_only_when_every_limit_admits() {
+    // 2 per minute, 3 per second: the third request is refused by the per-minute limit and
+    // must not have used a per-second slot.
+    let (_mgr, bucket) = exact_bucket(2, 60, 3, None);
+    let t0 = bucket.born + Duration::from_secs(1);
+    assert!(bucket.try_admit(t0).is_ok());
+    assert!(bucket.try_admit(t0).is_ok());
+    for _ in 0..3 {
+        assert!(bucket.try_admit(t0).is_err());
+    }
+    let rings: Vec<usize> = {
+        let s = bucket.state.lock().expect("lock");
+        s.limits
+            .iter()
+            .map(|l| match &l.engine {
+                super::limiter::Engine::Exact { ring, .. } => ring.len(),
+                super::limiter::Engine::Gcra(_) => usize::MAX,
+            })
+            .collect()
+    };
+    assert_eq!(rings, [2, 2]);
+}
+
+#[test]
+fn a_burst_cap_lets_that_many_go_back_to_back_then_spreads_the_rest() {
+    // 10 per second with burst 3: three at once, then one per ~110 ms.
+    let (_mgr, bucket) = exact_bucket(1000, 60, 10, Some(3));
+    let now = Instant::now();
+    for _ in 0..3 {
+        assert!(bucket.try_admit(now).is_ok());
+    }
+    let wait = bucket.try_admit(now).expect_err("capped");
+    assert!(
+        wait <= Duration::from_millis(111) && wait >= Duration::from_millis(50),
+        "{wait:?}"
+    );
+}
+
+#[test]
+fn a_reload_that_lowers_n_keeps_the_admissions_of_the_window() {
+    let (mgr, bucket) = exact_bucket(10, 60, 100, None);
+    let now = Instant::now();
+    for _ in 0..4 {
+        assert!(bucket.try_admit(now).is_ok());
+    }
+    let mut lower = mgr.config().as_ref().clone();
+    lower.per_api_per_minute = nz(3);
+    mgr.reconfigure(lower);
+    assert!(
+        bucket.try_admit(Instant::now()).is_err(),
+        "4 in the window already"
+    );
+    // Raising it again grants only what the window leaves: 10 - 4.
+    let mut higher = mgr.config().as_ref().clone();
+    higher.per_api_per_minute = nz(10);
+    mgr.reconfigure(higher);
+    let now = Instant::now();
+    let admitted = (0..10).filter(|_| bucket.try_admit(now).is_ok()).count();
+    assert_eq!(admitted, 7, "3 newest kept, then room for 7");
+}
+
+#[test]
+fn switching_from_gcra_to_exact_keeps_the_windows_admissions() {
+    let (mgr, bucket) = one_bucket(QuotaAlgorithm::Gcra, 10, 60, 100, 1, Some(5));
+    let now = Instant::now();
+    for _ in 0..5 {
+        assert!(bucket.try_admit(now).is_ok());
+    }
+    let mut exact = mgr.config().as_ref().clone();
+    exact.algorithm = QuotaAlgorithm::Exact;
+    exact.burst = None;
+    mgr.reconfigure(exact);
+    let now = Instant::now();
+    let admitted = (0..10).filter(|_| bucket.try_admit(now).is_ok()).count();
+    assert_eq!(admitted, 5, "the 5 GCRA admitted still count");
+}
+
+#[test]
+fn exact_estimates_a_queue_from_the_admission_times() {
+    let (_mgr, bucket) = exact_bucket(3, 60, 100, None);
+    let t0 = bucket.born + Duration::from_secs(1);
+    assert_eq!(
+        bucket.estimate_wait(2, t0),
+        Duration::ZERO,
+        "three free slots"
+    );
+    for i in 0..3 {
+        assert!(bucket.try_admit(t0 + Duration::from_secs(i)).is_ok());
+    }
+    let at = t0 + Duration::from_secs(10);
+    // The next goes when the first leaves (60.1 s after it), the third-next when the third does.
+    let first = bucket.estimate_wait(0, at);
+    let third = bucket.estimate_wait(2, at);
+    assert!(first > Duration::from_millis(50_000) && first < Duration::from_millis(50_200));
+    assert!(third > Duration::from_millis(52_000) && third < Duration::from_millis(52_200));
+}
+
+/// Closed windows `[t, t + span]`: the most admissions any one holds.
+fn max_in_closed_window(times: &[Duration], span: Duration) -> usize {
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..times.len() {
+        while times[hi] - times[lo] > span {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Two exact limits of one bucket, random arrivals, each request admitted as soon as the
+    /// bucket says: neither limit ever has more than its N in a window plus margin, and no
+    /// request waited while both had a slot.
+    #[test]
+    fn exact_buckets_never_exceed_either_limit_nor_wait_needlessly(
+        per_api in 1u32..60,
+        all_env in 1u32..30,
+        gaps_ms in proptest::collection::vec(0u64..400, 1..300),
+    ) {
+        let (_mgr, bucket) = exact_bucket(per_api, 6, all_env, None);
+        let margin = Duration::from_millis(100);
+        let mut at = Duration::from_secs(1);
+        let mut last = at;
+        let mut admitted = Vec::new();
+        for g in gaps_ms {
+            at += Duration::from_millis(g);
+            let mut now = at.max(last);
+            let mut tries = 0;
+            loop {
+                match bucket.try_admit(bucket.born + now) {
+                    Ok(()) => break,
+                    Err(wait) => {
+                        if tries == 0 && now > at.max(last) {
+                            prop_assert!(false, "refused at its own slot time");
+                        }
+                        // A nanosecond before its slot it must still be refused.
+                        let before = now + wait - Duration::from_nanos(1);
+                        prop_assert!(bucket.estimate_wait(0, bucket.born + before) > Duration::ZERO);
+                        now += wait;
+                        tries += 1;
+                        prop_assert!(tries < 3, "admitted when the wait said");
+                    }
+                }
+            }
+            admitted.push(now);
+            last = now;
+        }
+        prop_assert!(max_in_closed_window(&admitted, Duration::from_secs(6) + margin) <= per_api as usize);
+        prop_assert!(max_in_closed_window(&admitted, Duration::from_secs(1) + margin) <= all_env as usize);
+    }
 }

@@ -356,6 +356,16 @@ impl TokenCache {
         }
     }
 
+    /// Returns once the slot holds a valid token (at once while it does), without taking it:
+    /// a request waits for its token before its quota slot, so that nothing lies between the
+    /// slot and the send but the send itself (the upstream counts a request when it arrives).
+    pub async fn ready(&self, slot: &Slot) -> Result<(), GatewayError> {
+        match self.valid(slot, |_| ()) {
+            Some(()) => Ok(()),
+            None => self.sign_in(slot).await.map(drop),
+        }
+    }
+
     /// `take` of the slot's token while it is valid (waking the refresher when one is due).
     fn valid<R>(&self, slot: &Slot, take: impl FnOnce(&Arc<Token>) -> R) -> Option<R> {
         let now = self.inner.clock.now_ms();

@@ -175,3 +175,121 @@ async fn redis_down_falls_back_to_a_share_and_resumes_when_it_returns() {
     );
     assert!(sim.max_in_any_window("start_meeting", Duration::from_secs(2)) <= 20);
 }
+
+#[tokio::test]
+async fn three_gateways_share_one_quota_under_gcra_too() {
+    let redis = RedisServer::start();
+    let sim = start_sim(SimConfig {
+        apps: vec![sim_app()],
+        limits: small_limits(),
+        ..SimConfig::default()
+    })
+    .await;
+    let fleet = fleet(&sim, &redis, &format!("{QUOTA}algorithm = \"gcra\"\n")).await;
+    let statuses = flood_fleet(&fleet, 20).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(sim.rejected_429(), 0);
+    assert!(sim.max_in_any_window("start_meeting", Duration::from_secs(2)) <= 20);
+}
+
+/// Closed windows `[t, t + span]` (µs): the most admissions any one holds.
+fn max_in_window_us(times: &mut [u64], span: u64) -> usize {
+    times.sort_unstable();
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..times.len() {
+        while times[hi] - times[lo] > span {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+/// The shared exact script against a real redis-server, three replicas interleaving random
+/// decisions: no window of any limit holds more than its N (by Redis' own admission times),
+/// and under a flood each window is used to the full N.
+#[tokio::test]
+async fn the_shared_exact_script_never_exceeds_n_and_uses_all_of_it() {
+    use meetgate::cluster::{Cluster, ClusterConfig, ExactVerdict};
+    use rand::Rng;
+    let redis = RedisServer::start();
+    for case in 0..4u32 {
+        let mut rng = rand::rng();
+        let n_short: u32 = rng.random_range(2..12);
+        let n_long: u32 = rng.random_range(n_short..40);
+        let (short, long) = (Duration::from_millis(200), Duration::from_millis(700));
+        let prefix = format!("p{case}x{}:", rand::random::<u32>());
+        let replicas: Vec<Arc<Cluster>> = (0..3)
+            .map(|_| {
+                Cluster::new(ClusterConfig {
+                    redis_url: secrecy::SecretString::from(redis.url()),
+                    key_prefix: prefix.clone(),
+                    max_replicas: std::num::NonZeroU32::new(3).expect("3"),
+                    timeout: Duration::from_secs(2),
+                })
+            })
+            .collect();
+        let limits = |c: &Cluster| {
+            vec![
+                (c.key(&["b", "short"]), n_short, short),
+                (c.key(&["b", "long"]), n_long, long),
+            ]
+        };
+        let admitted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(2500);
+        let mut tasks = Vec::new();
+        for (r, cluster) in replicas.iter().enumerate() {
+            for _ in 0..3 {
+                let cluster = cluster.clone();
+                let admitted = admitted.clone();
+                let limits = limits(&cluster);
+                let sparse = case % 2 == 1 && r == 0;
+                tasks.push(tokio::spawn(async move {
+                    while tokio::time::Instant::now() < deadline {
+                        match cluster.exact(&limits, long).await.expect("redis answers") {
+                            ExactVerdict::Admitted { at_us } => {
+                                admitted.lock().expect("lock").push(at_us)
+                            }
+                            // Wait as told, capped so replicas keep interleaving.
+                            ExactVerdict::Wait(w) => {
+                                tokio::time::sleep(w.min(Duration::from_millis(30))).await
+                            }
+                        }
+                        if sparse {
+                            let pause = rand::rng().random_range(0..40);
+                            tokio::time::sleep(Duration::from_millis(pause)).await;
+                        }
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let mut times = admitted.lock().expect("lock").clone();
+        let short_max = max_in_window_us(&mut times, short.as_micros() as u64);
+        let long_max = max_in_window_us(&mut times, long.as_micros() as u64);
+        assert!(
+            short_max <= n_short as usize,
+            "case {case}: {short_max} > {n_short} in 200 ms"
+        );
+        assert!(
+            long_max <= n_long as usize,
+            "case {case}: {long_max} > {n_long} in 700 ms"
+        );
+        // A flood uses the whole allowance: some window of the tighter limit is full.
+        let tight = if f64::from(n_short) / 0.2 < f64::from(n_long) / 0.7 {
+            (short_max, n_short)
+        } else {
+            (long_max, n_long)
+        };
+        assert_eq!(
+            tight.0, tight.1 as usize,
+            "case {case}: the allowance was used"
+        );
+    }
+}
