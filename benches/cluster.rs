@@ -1,6 +1,8 @@
-//! Shared (Redis) mode against single-instance mode: added latency and CPU per request.
+//! Shared (Redis) mode: added latency and CPU per request against single-instance mode, and
+//! three replicas on one quota with GCRA and the exact limiter side by side (the allowance
+//! used under a flood, the most in any window, upstream 429s, bursts after idle).
 //! `cargo bench --bench cluster` (needs `redis-server` on PATH). Everything runs on loopback:
-//! the simulator and the gateway in this process, Redis beside it.
+//! the simulator and the gateways in this process, Redis beside it.
 
 use std::time::{Duration, Instant};
 
@@ -57,6 +59,110 @@ async fn run(
     let cpu = cpu_of(me) + redis_pid.map_or(Duration::ZERO, cpu_of) - cpu0;
     lat.sort();
     (lat.len() as u64, lat[lat.len() / 2], cpu)
+}
+
+/// Scaled windows for the quota comparison: N per W, as in `benches/quota.rs`.
+const N: u32 = 100;
+const W: Duration = Duration::from_secs(6);
+const MARGIN: Duration = Duration::from_millis(100);
+
+/// Three gateways on one Redis (a fresh key prefix) with `algorithm`, in front of `sim`.
+async fn replicas(
+    sim: &meetgate::simulator::SimHandle,
+    redis_port: u16,
+    algorithm: &str,
+) -> Vec<(std::net::SocketAddr, tokio::sync::oneshot::Sender<()>)> {
+    let prefix = format!("b{}:", rand::random::<u32>());
+    let quota = format!(
+        "[quota]\n{algorithm}max_wait = \"60s\"\nper_api_per_minute = {N}\nper_api_window = \"6s\"\n\
+         all_env_per_second = 200\nsafety_margin = \"100ms\"\n\
+         [cluster]\nredis_url = \"redis://127.0.0.1:{redis_port}/0\"\nkey_prefix = \"{prefix}\"\nmax_replicas = 3\n"
+    );
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.push(common::gateway(sim, APP_ID, APP_KEY, &quota).await);
+    }
+    out
+}
+
+async fn fleet_flood(redis_port: u16, name: &str, algorithm: &str) {
+    use meetgate::simulator::{SimApp, SimConfig, SimLimit, SimLimits, WindowKind};
+    let sim = meetgate::simulator::start(SimConfig {
+        apps: vec![SimApp::new(APP_ID, APP_KEY)],
+        limits: SimLimits {
+            per_api: Some(SimLimit::new(N, W)),
+            all_env: Some(SimLimit::new(200, Duration::from_secs(1))),
+            window: WindowKind::Sliding,
+        },
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let fleet = replicas(&sim, redis_port, algorithm).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    for (addr, _) in &fleet {
+        while !post(&client, *addr).await {}
+    }
+    tokio::time::sleep(W + MARGIN).await;
+    sim.clear_requests();
+    let start = Instant::now();
+    let run_for = W * 5;
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let client = client.clone();
+            let addr = fleet[i % 3].0;
+            tokio::spawn(async move {
+                let mut ok = 0u64;
+                while start.elapsed() < run_for {
+                    ok += u64::from(post(&client, addr).await);
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.expect("task");
+    }
+    let (spans, per_w) = common::steady_share(&sim, start + run_for, W, MARGIN);
+    println!(
+        "{name:>5} 3 replicas, flood: {ok} forwarded, upstream 429s {}, steady share {:.1}% of N per W ({:.1}% of the physical N per W + margin) over {spans} spans, most in any {W:?} window {} (limit {N})",
+        sim.rejected_429(),
+        100.0 * per_w / f64::from(N),
+        100.0 * per_w / f64::from(N) * (W + MARGIN).as_secs_f64() / W.as_secs_f64(),
+        sim.max_in_any_window("start_meeting", W),
+    );
+    for size in [N as usize / 2, N as usize] {
+        tokio::time::sleep(W + MARGIN + Duration::from_secs(1)).await;
+        let tasks: Vec<_> = (0..size)
+            .map(|i| {
+                let client = client.clone();
+                let addr = fleet[i % 3].0;
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    (post(&client, addr).await, t.elapsed())
+                })
+            })
+            .collect();
+        let mut lat = Vec::new();
+        for t in tasks {
+            let (ok, d) = t.await.expect("task");
+            if ok {
+                lat.push(d);
+            }
+        }
+        lat.sort();
+        let at = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "{name:>5} 3 replicas, burst of {size:>3} after idle: {} served, end to end p50 {:.1} ms, p99 {:.1} ms",
+            lat.len(),
+            at(0.5).as_secs_f64() * 1000.0,
+            at(0.99).as_secs_f64() * 1000.0
+        );
+    }
+    for (_, stop) in fleet {
+        let _ = stop.send(());
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -121,6 +227,15 @@ async fn main() {
     }
     let _ = stop1.send(());
     let _ = stop2.send(());
+    if std::env::var_os("CLUSTER_SKIP_QUOTA").is_none() {
+        println!("three replicas, one quota: N = {N} per {W:?} (scaled from 1 minute), margin 100 ms, 30 clients");
+        for (name, algorithm) in [
+            ("gcra", "algorithm = \"gcra\"\nburst = 10\n"),
+            ("exact", "algorithm = \"exact\"\n"),
+        ] {
+            fleet_flood(port, name, algorithm).await;
+        }
+    }
     let _ = redis.kill();
     let _ = redis.wait();
 }

@@ -12,7 +12,7 @@ use crate::clock::LastUse;
 use crate::operations::OperationId;
 
 /// Most limits one bucket has (an operation has two).
-const MAX_LIMITS: usize = 4;
+pub(super) const MAX_LIMITS: usize = 4;
 
 impl Engine {
     /// The GCRA limiter that decides or paces, if any.
@@ -127,6 +127,35 @@ impl Bucket {
             })
             .max()
             .unwrap_or(Duration::ZERO)
+    }
+
+    /// Takes a slot of every exact limit's pace (a configured `burst`), all or none: what a
+    /// shared decision needs locally first. Give them back with [`Bucket::return_paces`] when
+    /// the shared store refuses.
+    pub(super) fn take_paces(limits: &[Limit]) -> Result<[Option<Taken>; MAX_LIMITS], Duration> {
+        let mut taken: [Option<Taken>; MAX_LIMITS] = [None; MAX_LIMITS];
+        for (i, limit) in limits.iter().enumerate().take(MAX_LIMITS) {
+            let Engine::Exact { pace: Some(g), .. } = &limit.engine else {
+                continue;
+            };
+            match g.check() {
+                Ok(t) => taken[i] = Some(t),
+                Err(wait) => {
+                    Self::return_paces(limits, taken);
+                    return Err(wait);
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Gives back what [`Bucket::take_paces`] took.
+    pub(super) fn return_paces(limits: &[Limit], taken: [Option<Taken>; MAX_LIMITS]) {
+        for (limit, taken) in limits.iter().zip(taken) {
+            if let (Engine::Exact { pace: Some(g), .. }, Some(t)) = (&limit.engine, taken) {
+                g.roll_back(t);
+            }
+        }
     }
 
     /// Books an admission at `now` into every exact ring of `limits`.

@@ -97,7 +97,9 @@ impl QuotaManager {
         // counting what it admitted while falling back: the other replicas' fallback
         // admissions are not in Redis, and together the shares stay within the limit.
         let resuming = cluster.recently_resumed(longest);
-        {
+        // A configured burst paces each replica's own admissions: its slot is taken here and
+        // given back if the shared store refuses.
+        let paces = {
             let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
             Bucket::precheck(&mut state, now)?;
             if resuming {
@@ -106,7 +108,8 @@ impl QuotaManager {
                     return Err(wait);
                 }
             }
-        }
+            Bucket::take_paces(&state.limits)?
+        };
         let verdict = match bucket.shared_limits(cluster) {
             SharedLimits::Exact(limits) => cluster.exact(&limits, longest).await.map(|v| match v {
                 ExactVerdict::Admitted { .. } => None,
@@ -125,13 +128,23 @@ impl QuotaManager {
                 bucket.record(&mut state, now);
                 Ok(())
             }
-            Ok(Some(wait)) => Err(wait),
-            Err(_) => bucket.try_admit_fallback(
-                now,
-                &self.clock,
-                cfg.safety_margin,
-                cluster.config().max_replicas.get(),
-            ),
+            Ok(Some(wait)) => {
+                let state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+                Bucket::return_paces(&state.limits, paces);
+                Err(wait)
+            }
+            Err(_) => {
+                {
+                    let state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+                    Bucket::return_paces(&state.limits, paces);
+                }
+                bucket.try_admit_fallback(
+                    now,
+                    &self.clock,
+                    cfg.safety_margin,
+                    cluster.config().max_replicas.get(),
+                )
+            }
         }
     }
 }
