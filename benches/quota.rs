@@ -208,6 +208,130 @@ async fn burst_after_idle(name: &str, algorithm: &str, size: usize) {
     let _ = stop.send(());
 }
 
+/// A start_meeting as bearer client `key`: its status and end-to-end time.
+async fn timed_post(
+    client: HttpClient,
+    addr: std::net::SocketAddr,
+    key: &'static str,
+) -> (u16, Duration) {
+    let req = http::Request::post(format!("http://{addr}/v1/mmc/management/conferences/start"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(Bytes::from_static(
+            br#"{"conferenceID":"914087436","password":"123456"}"#,
+        )))
+        .expect("request");
+    let t = Instant::now();
+    let status = client.request(req).await.map_or(0, |r| r.status().as_u16());
+    (status, t.elapsed())
+}
+
+/// Three clients on one bucket: A floods (40 connections), C (weight 3) floods (40), B sends
+/// one request every second; each client's admissions and end-to-end waits. The bucket allows
+/// 30 per window, fewer than either flood keeps waiting, so both stay backlogged (with the
+/// exact limiter a window's slots free in groups; a group larger than a flood's queue serves
+/// all of it, and the rest goes to the other: work conservation, not unfairness).
+const N_SHARED: u32 = 30;
+
+async fn three_clients(seconds: u64) {
+    use sha2::{Digest, Sha256};
+    let sha = |k: &str| hex::encode(Sha256::digest(k.as_bytes()));
+    let sim = simulator::start(SimConfig {
+        apps: vec![SimApp::new(APP_ID, APP_KEY)],
+        limits: SimLimits {
+            per_api: Some(SimLimit::new(N_SHARED, W)),
+            all_env: None,
+            window: WindowKind::Sliding,
+        },
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let extra = format!(
+        "[quota]\nmax_wait = \"60s\"\nper_api_per_minute = {N_SHARED}\nper_api_window = \"6s\"\n\
+         all_env_per_second = 100000\nsafety_margin = \"100ms\"\n\
+         [[clients]]\nname = \"a\"\nkey_sha256 = \"{}\"\n\
+         [[clients]]\nname = \"b\"\nkey_sha256 = \"{}\"\n\
+         [[clients]]\nname = \"c\"\nkey_sha256 = \"{}\"\nweight = 3\n",
+        sha("ka"),
+        sha("kb"),
+        sha("kc")
+    );
+    let (addr, stop, _) = common::gateway_handle(&sim, APP_ID, APP_KEY, &extra).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let send = move |key: &'static str| timed_post(client.clone(), addr, key);
+    while send("kb").await.0 != 200 {}
+    let start = Instant::now();
+    let run_for = Duration::from_secs(seconds);
+    let flood = |key: &'static str| {
+        (0..40)
+            .map(|_| {
+                let send = send.clone();
+                tokio::spawn(async move {
+                    let mut waits = Vec::new();
+                    while start.elapsed() < run_for {
+                        let (status, d) = send(key).await;
+                        // Counted in the steady state: not the first window (its slots went
+                        // first come, first served, before anyone waited) nor what drains after
+                        // the run, with no competition left.
+                        let t = start.elapsed();
+                        if status == 200 && t > W + MARGIN + Duration::from_secs(1) && t < run_for {
+                            waits.push(d);
+                        }
+                    }
+                    waits
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let (a, c) = (flood("ka"), flood("kc"));
+    let mut b = Vec::new();
+    let mut b_refused = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while start.elapsed() < run_for {
+        tick.tick().await;
+        let (status, d) = send("kb").await;
+        if status == 200 {
+            b.push(d);
+        } else {
+            b_refused += 1;
+        }
+    }
+    let collect = |tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>| async move {
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("task"));
+        }
+        all.sort();
+        all
+    };
+    let (a, c) = (collect(a).await, collect(c).await);
+    b.sort();
+    let at = |v: &[Duration], q: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let total = (a.len() + b.len() + c.len()) as f64;
+    for (name, v) in [
+        ("A (weight 1, flood)", &a),
+        ("B (weight 1, 1/s)", &b),
+        ("C (weight 3, flood)", &c),
+    ] {
+        println!(
+            "  {name}: {:>4} admitted ({:>4.1}%), wait p50 {:>7.1} ms, p99 {:>7.1} ms",
+            v.len(),
+            100.0 * v.len() as f64 / total,
+            at(v, 0.5),
+            at(v, 0.99)
+        );
+    }
+    println!(
+        "  C:A = {:.2}; B refused {b_refused}; upstream 429s {}",
+        c.len() as f64 / a.len().max(1) as f64,
+        sim.rejected_429()
+    );
+    let _ = stop.send(());
+}
+
 #[tokio::main]
 async fn main() {
     println!(
@@ -240,4 +364,10 @@ async fn main() {
         burst_after_idle(name, algorithm, N as usize / 2).await;
         burst_after_idle(name, algorithm, N as usize).await;
     }
+    let seconds = std::env::var("QUOTA_CLIENTS_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    println!("three clients on one bucket (exact, N = {N_SHARED} per {W:?}), {seconds} s:");
+    three_clients(seconds).await;
 }

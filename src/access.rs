@@ -35,6 +35,59 @@ pub struct ClientConfig {
     /// Operations it may call; `None`: all.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operations: Option<Patterns>,
+    /// Its share of a bucket's slots against other waiting clients.
+    pub weight: std::num::NonZeroU32,
+    /// Most of its requests waiting in one bucket; beyond, 429 at once.
+    pub max_queued: usize,
+    /// Most requests it may make per period, whatever the quota (429 beyond, before queueing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<ClientRate>,
+}
+
+/// Requests a client may wait with in one bucket by default: enough for a batch job, few
+/// enough that it cannot fill a gateway's `max_concurrent_requests` (1 024) alone.
+pub const DEFAULT_MAX_QUEUED: usize = 256;
+
+/// A client's inbound rate: `count` requests per `period` (`"10/s"`, `"600/m"`, `"5/2s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRate {
+    pub count: std::num::NonZeroU32,
+    pub period: std::time::Duration,
+}
+
+impl ClientRate {
+    pub fn parse(text: &str) -> Result<ClientRate, String> {
+        let bad = || "not a rate; e.g. \"10/s\", \"600/m\" or \"5/2s\"".to_owned();
+        let (count, per) = text.split_once('/').ok_or_else(bad)?;
+        let count = count
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .and_then(std::num::NonZeroU32::new)
+            .ok_or_else(|| "the count must be a whole number of at least 1".to_owned())?;
+        let per = per.trim();
+        let period = match per {
+            "s" => std::time::Duration::from_secs(1),
+            "m" => std::time::Duration::from_secs(60),
+            "h" => std::time::Duration::from_secs(3600),
+            other => humantime::parse_duration(other).map_err(|_| bad())?,
+        };
+        if period.is_zero() {
+            return Err("the period must be longer than zero".to_owned());
+        }
+        Ok(ClientRate { count, period })
+    }
+}
+
+/// Printed as it is written: `count/period`.
+impl Serialize for ClientRate {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!(
+            "{}/{}",
+            self.count,
+            humantime::format_duration(self.period)
+        ))
+    }
 }
 
 /// An SDK client's gateway credentials (never the upstream's).

@@ -59,6 +59,8 @@ pub enum GatewayError {
     SessionInvalid,
     #[error("the gateway is at its limit of concurrent requests; retry shortly")]
     Overloaded,
+    #[error("this client is over its rate; retry after {}s", retry_after_secs(*.retry_after))]
+    ClientRateLimited { retry_after: Duration },
     /// The upstream answered a control-token request with something meetgate cannot use.
     #[error("no meeting-control token: {0}")]
     ControlTokenUnusable(&'static str),
@@ -83,7 +85,9 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::QuotaExceeded { .. } | GatewayError::ClientRateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             GatewayError::ShuttingDown | GatewayError::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -106,6 +110,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable { .. } => "MEETGATE.UPSTREAM_UNREACHABLE",
             GatewayError::UpstreamTimeout { .. } => "MEETGATE.UPSTREAM_TIMEOUT",
             GatewayError::QuotaExceeded { .. } => "MEETGATE.QUOTA_EXCEEDED",
+            GatewayError::ClientRateLimited { .. } => "MEETGATE.CLIENT_RATE_LIMITED",
             GatewayError::ShuttingDown => "MEETGATE.SHUTTING_DOWN",
             GatewayError::Unauthenticated(_) => "MEETGATE.UNAUTHENTICATED",
             GatewayError::SessionInvalid => "USG.000000004",
@@ -132,7 +137,9 @@ impl GatewayError {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(crate::headers::X_REQUEST_ID, v);
         }
-        if let GatewayError::QuotaExceeded { retry_after } = &self {
+        if let GatewayError::QuotaExceeded { retry_after }
+        | GatewayError::ClientRateLimited { retry_after } = &self
+        {
             headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(*retry_after)),

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod framing;
 pub mod headers;
+pub mod inbound;
 pub mod limits;
 pub mod metrics;
 pub mod operations;

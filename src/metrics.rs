@@ -54,6 +54,18 @@ pub struct ControlLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub client: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientRefusalLabels {
+    pub client: Arc<str>,
+    /// `queue_wait` (no slot within `max_wait`), `max_queued` or `rate`.
+    pub reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms to ~65 s.
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
@@ -78,6 +90,9 @@ pub struct Metrics {
     pub control_sessions: Gauge,
     pub control_token_requests: Family<ControlLabels, Counter>,
     pub control_replays: Counter,
+    pub client_admitted: Family<ClientLabels, Counter>,
+    pub client_queue_wait_seconds: Family<ClientLabels, Histogram, fn() -> Histogram>,
+    pub client_refused: Family<ClientRefusalLabels, Counter>,
     /// Per operation (by table index): its series, each looked up once. A family lookup takes
     /// the family's read lock, a write to a line every worker shares, and hashes the labels,
     /// on every call; these handles are the same series.
@@ -213,8 +228,32 @@ impl Metrics {
             "Control calls replayed after the upstream refused meetgate's control token",
             control_replays.clone(),
         );
+        let client_admitted = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "client_admitted",
+            "Requests given a quota slot, by configured client",
+            client_admitted.clone(),
+        );
+        let client_queue_wait_seconds =
+            Family::<ClientLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        registry.register(
+            "client_queue_wait_seconds",
+            "Time waiting for a quota slot, by configured client",
+            client_queue_wait_seconds.clone(),
+        );
+        let client_refused = Family::<ClientRefusalLabels, Counter>::default();
+        registry.register(
+            "client_refused",
+            "Requests refused with 429 before the upstream, by configured client and reason",
+            client_refused.clone(),
+        );
         Metrics {
             registry,
+            client_admitted,
+            client_queue_wait_seconds,
+            client_refused,
             control_sessions,
             control_token_requests,
             control_replays,

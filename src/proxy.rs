@@ -24,11 +24,15 @@ use crate::config::Config;
 use crate::control::{self, Controls, Exchange, Failure, Owner, Session};
 use crate::error::{retry_after_secs, GatewayError};
 use crate::headers::{self, X_ACCESS_TOKEN, X_CONFERENCE_AUTHORIZATION, X_PASSWORD, X_REQUEST_ID};
-use crate::metrics::{AppLabels, Metrics, OpHistogram, OperationLabels, QuotaLabels};
+use crate::inbound::Inbound;
+use crate::metrics::{
+    AppLabels, ClientLabels, ClientRefusalLabels, Metrics, OpHistogram, OperationLabels,
+    QuotaLabels,
+};
 use crate::operations::{
     ClassifyError, ControlRole, Operation, OperationId, OperationKind, OperationTable,
 };
-use crate::quota::{Admission, BucketKey, QuotaManager, Refused};
+use crate::quota::{Admission, BucketKey, Class, QuotaManager, Refused};
 use crate::sdk::{SdkAuth, SdkRequest};
 use crate::token::AppConfig;
 use crate::token::{Authenticator, SharedAuthenticator, Slot, TokenCache, UpstreamAuthenticator};
@@ -83,6 +87,8 @@ pub struct Gateway {
     requests: Arc<Semaphore>,
     cluster: Option<Arc<Cluster>>,
     controls: Arc<Controls>,
+    /// Per-client inbound rate limits.
+    inbound: ArcSwap<Inbound>,
     /// `create_conf_token`, whose quota control-token requests spend.
     conf_token_op: Option<OperationId>,
 }
@@ -144,6 +150,8 @@ struct Plan<'v> {
     attempts: u32,
     /// Who the caller is, for the meeting-control sessions it may use.
     owner: Owner,
+    /// Its class for fair queueing: the client, its weight and its `max_queued`.
+    class: Class,
     /// The meeting's control token meetgate injects into a control call.
     control: Option<Injected>,
 }
@@ -252,6 +260,7 @@ impl Gateway {
             )),
             cluster,
             controls,
+            inbound: ArcSwap::from_pointee(Inbound::new(&config_for_access.clients, None)),
             conf_token_op: OperationTable::global().by_name("create_conf_token"),
         }))
     }
@@ -451,6 +460,8 @@ impl Gateway {
                         != b.sdk.as_ref().map(|s| s.app_key.expose_secret())
             });
         self.access.store(Arc::new(AccessRules::new(&new.clients)));
+        let inbound = Inbound::new(&new.clients, Some(&self.inbound.load()));
+        self.inbound.store(Arc::new(inbound));
         let new = Arc::new(new);
         self.apps.store(Arc::new(build_apps(&self.tokens, &new)));
         self.config.store(new);
@@ -553,6 +564,11 @@ impl Gateway {
             out: self.rewrite(parts, body, ctx, upstream)?,
             attempts: 0,
             owner: caller.client().map(|c| c.name.clone()),
+            class: caller.client().map_or_else(Class::anonymous, |c| Class {
+                name: Some(c.name.clone()),
+                weight: c.weight,
+                max_queued: c.max_queued,
+            }),
             control: None,
         };
         if let Some(refused) = self.control(op, &mut plan, ctx, upstream).await? {
@@ -562,7 +578,7 @@ impl Gateway {
             plan.attempts += 1;
             // The token first: a slot must be spent on a request that goes at once.
             self.await_token(&plan, ctx).await?;
-            let admission = self.admit(&plan.bucket, plan.deadline, ctx).await?;
+            let admission = self.admit(&plan, ctx).await?;
             let generation = self.inject_token(&mut plan, ctx).await?;
             let resp = self.forward(&mut plan.out, upstream, ctx, limits).await?;
             if let Some(a) = admission {
@@ -649,6 +665,7 @@ impl Gateway {
             slot: Arc::clone(&plan.slot),
             bucket: self.quota.key(op, &plan.slot.key.app, &plan.slot.key.user),
             deadline: plan.deadline,
+            class: plan.class.clone(),
         }
     }
 
@@ -774,6 +791,17 @@ impl Gateway {
             .authenticate(headers, &self.sdk.sessions, self.tokens.now_ms())?;
         if let Some(client) = caller.client() {
             ctx.client = Some(client.name.clone());
+            // Over its own rate: refused before it takes a place in any queue.
+            if let Err(retry_after) = self.inbound.load().check(&client.name) {
+                self.metrics
+                    .client_refused
+                    .get_or_create(&ClientRefusalLabels {
+                        client: client.name.clone(),
+                        reason: "rate",
+                    })
+                    .inc();
+                return Err(GatewayError::ClientRateLimited { retry_after });
+            }
         }
         Ok(caller)
     }
@@ -1015,21 +1043,50 @@ impl Gateway {
     /// Waits for a quota slot for the bucket, unless quotas are off.
     async fn admit(
         &self,
-        key: &BucketKey,
-        deadline: Instant,
+        plan: &Plan<'_>,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Admission>, GatewayError> {
         if !self.quota.enabled() {
             self.quota.note_disabled();
             return Ok(None);
         }
-        match self.quota.acquire(key, deadline).await {
+        let result = self
+            .quota
+            .acquire(&plan.bucket, plan.deadline, &plan.class)
+            .await;
+        let m = &self.metrics;
+        let client = plan.class.name.as_ref();
+        let refused = |reason| {
+            if let Some(client) = client {
+                m.client_refused
+                    .get_or_create(&ClientRefusalLabels {
+                        client: client.clone(),
+                        reason,
+                    })
+                    .inc();
+            }
+        };
+        match result {
             Ok(a) => {
                 ctx.queue_wait += a.waited;
                 ctx.quota_checked = true;
+                if let Some(client) = client {
+                    let labels = ClientLabels {
+                        client: client.clone(),
+                    };
+                    m.client_admitted.get_or_create(&labels).inc();
+                    m.client_queue_wait_seconds
+                        .get_or_create(&labels)
+                        .observe(a.waited.as_secs_f64());
+                }
                 Ok(Some(a))
             }
             Err(Refused::Exhausted { retry_after }) => {
+                refused("queue_wait");
+                Err(GatewayError::QuotaExceeded { retry_after })
+            }
+            Err(Refused::ClientQueueFull { retry_after }) => {
+                refused("max_queued");
                 Err(GatewayError::QuotaExceeded { retry_after })
             }
             Err(Refused::ShuttingDown) => Err(GatewayError::ShuttingDown),

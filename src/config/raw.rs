@@ -58,6 +58,9 @@ impl fmt::Debug for RawCluster {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawClient {
     pub(super) name: Option<String>,
+    pub(super) weight: Option<u32>,
+    pub(super) max_queued: Option<usize>,
+    pub(super) rate: Option<String>,
     pub(super) key_sha256: Option<String>,
     pub(super) app_id: Option<String>,
     pub(super) app_key_env: Option<String>,

@@ -14,7 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::check::{quoted, valid_name, Checker, ConfigError};
 use super::raw::*;
 use super::Config;
-use crate::access::{ClientConfig, Patterns, SdkCredential};
+use crate::access::{ClientConfig, ClientRate, Patterns, SdkCredential, DEFAULT_MAX_QUEUED};
 use crate::cluster::ClusterConfig;
 use crate::control::ControlConfig;
 use crate::limits::LimitsConfig;
@@ -571,6 +571,21 @@ fn validate_clients(
         let operations = rc
             .operations
             .and_then(|o| patterns(c, &key("operations"), o));
+        let weight = non_zero(c, &key("weight"), rc.weight, 1);
+        let max_queued = rc.max_queued.unwrap_or(DEFAULT_MAX_QUEUED);
+        if max_queued == 0 {
+            c.problem(key("max_queued"), 0, "must be at least 1");
+        }
+        let rate = rc
+            .rate
+            .as_deref()
+            .and_then(|text| match ClientRate::parse(text) {
+                Ok(r) => Some(r),
+                Err(msg) => {
+                    c.problem(key("rate"), quoted(text), msg);
+                    None
+                }
+            });
         out.push(ClientConfig {
             name: Arc::from(name),
             key_sha256,
@@ -578,6 +593,9 @@ fn validate_clients(
             apps: client_apps,
             users,
             operations,
+            weight,
+            max_queued: max_queued.max(1),
+            rate,
         });
     }
     out

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::clock::Clock;
 use crate::error::GatewayError;
 use crate::headers::{X_ACCESS_TOKEN, X_CONFERENCE_AUTHORIZATION, X_PASSWORD, X_REQUEST_ID};
-use crate::quota::{BucketKey, QuotaManager, Refused};
+use crate::quota::{BucketKey, Class, QuotaManager, Refused};
 use crate::token::{Slot, TokenCache};
 use crate::upstream::{read_body, Upstream};
 
@@ -37,6 +37,8 @@ pub struct Exchange {
     /// The call waits for its quota slot until here (the client's own deadline when a call
     /// waits for it; `max_wait` from now for a keep-alive).
     pub deadline: Instant,
+    /// The class of the call it is made for, in the quota's fair queue.
+    pub class: Class,
 }
 
 /// A token the upstream granted.
@@ -163,9 +165,13 @@ impl Exchange {
         if !self.quota.enabled() {
             return Ok(None);
         }
-        match self.quota.acquire(&self.bucket, self.deadline).await {
+        match self
+            .quota
+            .acquire(&self.bucket, self.deadline, &self.class)
+            .await
+        {
             Ok(a) => Ok(Some(a)),
-            Err(Refused::Exhausted { retry_after }) => {
+            Err(Refused::Exhausted { retry_after } | Refused::ClientQueueFull { retry_after }) => {
                 Err(GatewayError::QuotaExceeded { retry_after })
             }
             Err(Refused::ShuttingDown) => Err(GatewayError::ShuttingDown),

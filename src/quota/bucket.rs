@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::fair::FairQueue;
 use super::gcra::{Gcra, Taken};
 use super::limit::{LimitKind, LimitParams};
 use super::limiter::{nanos, Engine, Limit};
@@ -39,8 +40,8 @@ pub(super) struct BucketState {
 /// One bucket: the limits of one operation for one scope key (app, user or the gateway).
 pub struct Bucket {
     pub(super) op: OperationId,
-    // FIFO: tokio's mutex queues waiters in arrival order, which is the pacing order.
-    pub(super) gate: tokio::sync::Mutex<()>,
+    /// Waiting requests, weighted fair across clients.
+    pub(super) queue: FairQueue,
     pub(super) state: Mutex<BucketState>,
     pub(super) waiting: AtomicUsize,
     pub(super) born: Instant,
@@ -280,6 +281,8 @@ impl Drop for Admission {
 pub enum Refused {
     /// No slot within the deadline; one could be free after `retry_after`.
     Exhausted { retry_after: Duration },
+    /// The client has `max_queued` requests waiting in this bucket already.
+    ClientQueueFull { retry_after: Duration },
     /// The gateway is shutting down: nobody waits any more.
     ShuttingDown,
 }

@@ -1,4 +1,5 @@
-//! Upstream quotas: window-safe limits per bucket, FIFO pacing bounded by `max_wait`,
+//! Upstream quotas: window-safe limits per bucket, pacing bounded by `max_wait` and fair across
+//! clients,
 //! synchronisation with the upstream's `X-APIG-Ratelimit-*` counters, holds after a 429, and
 //! the shared mode's bridge to Redis.
 //!
@@ -8,12 +9,14 @@
 //! - `gcra`: a governor limiter, alone or pacing the exact one;
 //! - `limiter`: one limit's state in a bucket (its engine, our own count, the upstream's budget);
 //! - `bucket`: an operation's limits for one scope key, admitted together;
-//! - `pacing`: the queue of waiting requests;
+//! - `fair`: weighted fair queueing of waiting requests across clients;
+//! - `pacing`: waiting for a slot in turn;
 //! - `report`: the upstream's counters;
 //! - `shared`: decisions on Redis, and the fallback share.
 
 mod bucket;
 mod exact;
+mod fair;
 mod gcra;
 mod limit;
 mod limiter;
@@ -34,6 +37,7 @@ use arc_swap::ArcSwap;
 use governor::clock::DefaultClock;
 
 pub use bucket::{Admission, Bucket, BucketKey, Refused};
+pub use fair::Class;
 pub use limit::{derive, exact, fallback_share, GcraParams, LimitKind, LimitParams, LimitSpec};
 pub use report::{parse_ratelimit, RateLimitReport};
 pub use settings::{
@@ -44,6 +48,7 @@ use crate::clock::LastUse;
 use crate::cluster::Cluster;
 use crate::operations::OperationId;
 use bucket::BucketState;
+use fair::FairQueue;
 use limiter::Limit;
 
 /// All buckets and the settings they are built from.
@@ -188,7 +193,7 @@ impl QuotaManager {
             .unwrap_or_default();
         let bucket = Arc::new(Bucket {
             op,
-            gate: tokio::sync::Mutex::new(()),
+            queue: FairQueue::default(),
             state: Mutex::new(BucketState {
                 limits,
                 fallback: Vec::new(),

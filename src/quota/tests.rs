@@ -211,7 +211,11 @@ async fn a_request_is_in_flight_until_its_report_is_read_or_it_is_dropped() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut admitted = Vec::new();
     for _ in 0..3 {
-        admitted.push(mgr.acquire(&key, deadline).await.expect("admitted"));
+        admitted.push(
+            mgr.acquire(&key, deadline, &Class::anonymous())
+                .await
+                .expect("admitted"),
+        );
     }
     let in_flight = || bucket.state.lock().expect("lock").in_flight;
     assert_eq!(in_flight(), 3);

@@ -90,10 +90,11 @@ impl UpstreamAuthenticator {
                 let deadline = Instant::now() + self.quota.config().max_wait;
                 Some(
                     self.quota
-                        .acquire(&key, deadline)
+                        .acquire(&key, deadline, &crate::quota::Class::anonymous())
                         .await
                         .map_err(|r| match r {
-                            Refused::Exhausted { retry_after } => {
+                            Refused::Exhausted { retry_after }
+                            | Refused::ClientQueueFull { retry_after } => {
                                 SignInError::BadResponse(format!(
                                     "sign-in quota spent, next slot in {}s",
                                     retry_after_secs(retry_after)

@@ -8,6 +8,7 @@ mod connections;
 mod control;
 mod deploy;
 mod docs;
+mod fair;
 mod forwarding;
 mod hardening;
 mod logs;
