@@ -168,6 +168,26 @@ pub enum ExactVerdict {
     Wait(Duration),
 }
 
+impl ExactVerdict {
+    /// The script's reply `{ok, wait_us, now_us}`: a refusal always waits at least 1 µs.
+    pub fn from_reply(ok: i64, wait_us: i64, now_us: i64) -> ExactVerdict {
+        if ok == 1 {
+            ExactVerdict::Admitted {
+                at_us: u64::try_from(now_us).unwrap_or(0),
+            }
+        } else {
+            ExactVerdict::Wait(Duration::from_micros(
+                u64::try_from(wait_us).unwrap_or(0).max(1),
+            ))
+        }
+    }
+}
+
+/// The GCRA script's reply `{ok, wait_us}`: `None` when admitted, else the wait (at least 1 µs).
+pub fn gcra_verdict(ok: i64, wait_us: i64) -> Option<Duration> {
+    (ok != 1).then(|| Duration::from_micros(u64::try_from(wait_us).unwrap_or(0).max(1)))
+}
+
 /// Deletes a key only if it still holds the given value.
 const DELETE_IF: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -377,7 +397,7 @@ impl Cluster {
                 inv.invoke_async(&mut conn).await
             })
             .await?;
-        Ok((ok != 1).then(|| Duration::from_micros(wait_us.max(1) as u64)))
+        Ok(gcra_verdict(ok, wait_us))
     }
 
     /// One shared exact decision over a bucket's limits: `limits` are (key, N, span).
@@ -408,13 +428,7 @@ impl Cluster {
                 inv.invoke_async(&mut conn).await
             })
             .await?;
-        Ok(if ok == 1 {
-            ExactVerdict::Admitted {
-                at_us: u64::try_from(now_us).unwrap_or(0),
-            }
-        } else {
-            ExactVerdict::Wait(Duration::from_micros(wait_us.max(1) as u64))
-        })
+        Ok(ExactVerdict::from_reply(ok, wait_us, now_us))
     }
 
     pub async fn get_token(&self, key: &str) -> Result<Option<SharedToken>, ClusterError> {

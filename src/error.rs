@@ -66,6 +66,18 @@ pub enum GatewayError {
     ControlTokenUnusable(&'static str),
 }
 
+/// The `error_code` of an upstream error body, when it has one.
+pub fn upstream_error_code(body: &[u8]) -> Option<&str> {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody<'a> {
+        #[serde(borrow)]
+        error_code: Option<&'a str>,
+    }
+    serde_json::from_slice::<ErrorBody<'_>>(body)
+        .ok()
+        .and_then(|b| b.error_code)
+}
+
 /// `Retry-After` in whole seconds, rounded up, at least 1.
 pub fn retry_after_secs(d: Duration) -> u64 {
     (d.as_millis().div_ceil(1000) as u64).max(1)

@@ -98,6 +98,19 @@ pub fn sanitize_request(headers: &mut HeaderMap) {
     }
 }
 
+/// The longest `Retry-After` believed: an hour. A larger one (or one near `u64::MAX`, which
+/// the fuzzer sent and which overflowed the hold's instant) is taken as an hour.
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The upstream's `Retry-After` in whole seconds, when it gives one, at most an hour.
+pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| std::time::Duration::from_secs(s).min(MAX_RETRY_AFTER))
+}
+
 /// The request id as sent upstream: the same value, never HPACK-indexed. An id is unique per
 /// request, so indexing it would only evict useful entries from both sides' tables, and the
 /// h2 encoder would compare it with every earlier id still in its table (3,300 instructions
@@ -111,6 +124,22 @@ pub fn forwarded_request_id(id: &HeaderValue) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `upstream_headers` fuzz target: a Retry-After of 13106511852580896813 s
+    /// overflowed the instant a hold ends at.
+    #[test]
+    fn retry_after_is_capped_at_an_hour() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("013106511852580896813"),
+        );
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static(" 3 "));
+        assert_eq!(retry_after(&h), Some(std::time::Duration::from_secs(3)));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
 
     #[test]
     fn forwarded_request_id_is_the_same_value_never_indexed() {

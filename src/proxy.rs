@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::control::{self, Controls, Exchange, Failure, Owner, Session};
-use crate::error::{retry_after_secs, GatewayError};
+use crate::error::{retry_after_secs, upstream_error_code, GatewayError};
 use crate::headers::{self, X_ACCESS_TOKEN, X_CONFERENCE_AUTHORIZATION, X_PASSWORD, X_REQUEST_ID};
 use crate::inbound::Inbound;
 use crate::metrics::{
@@ -974,7 +974,7 @@ impl Gateway {
         let bytes = read_body(rbody, ERROR_BODY_LIMIT, upstream.request_timeout()).await?;
         let replayable = plan.out.replayable();
         if status == StatusCode::UNAUTHORIZED {
-            if error_code(&bytes) == Some(TOKEN_INVALID_CODE) {
+            if upstream_error_code(&bytes) == Some(TOKEN_INVALID_CODE) {
                 self.tokens.invalidate(&plan.slot, generation);
                 if replayable && !ctx.replayed_401 {
                     ctx.replayed_401 = true;
@@ -1007,19 +1007,14 @@ impl Gateway {
             }
         } else {
             ctx.upstream_429s += 1;
-            let retry_after = rparts
-                .headers
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = headers::retry_after(&rparts.headers);
             let hold = match self.quota.find(&plan.bucket) {
                 Some(bucket) => self.quota.hold(&bucket, retry_after),
                 None => retry_after.unwrap_or(Duration::from_secs(1)),
             };
             tracing::warn!(
                 operation = ctx.operation,
-                error_code = error_code(&bytes).unwrap_or("-"),
+                error_code = upstream_error_code(&bytes).unwrap_or("-"),
                 hold_ms = hold.as_millis() as u64,
                 "Upstream refused a request for quota"
             );
@@ -1144,18 +1139,6 @@ fn unreachable_replay() -> GatewayError {
     GatewayError::BadRequest("request cannot be replayed")
 }
 
-/// The `error_code` of an upstream error body, when it has one.
-fn error_code(body: &[u8]) -> Option<&str> {
-    #[derive(serde::Deserialize)]
-    struct ErrorBody<'a> {
-        #[serde(borrow)]
-        error_code: Option<&'a str>,
-    }
-    serde_json::from_slice::<ErrorBody<'_>>(body)
-        .ok()
-        .and_then(|b| b.error_code)
-}
-
 /// The client's `X-Request-ID` when it is a sane token, else a fresh UUID.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
@@ -1251,13 +1234,13 @@ mod tests {
     #[test]
     fn token_code_detection() {
         assert_eq!(
-            error_code(br#"{"error_code":"USG.000000004","error_msg":"x"}"#),
+            upstream_error_code(br#"{"error_code":"USG.000000004","error_msg":"x"}"#),
             Some(TOKEN_INVALID_CODE)
         );
         assert_eq!(
-            error_code(br#"{"error_code":"USG.000000005"}"#),
+            upstream_error_code(br#"{"error_code":"USG.000000005"}"#),
             Some("USG.000000005")
         );
-        assert_eq!(error_code(b"not json USG.000000004"), None);
+        assert_eq!(upstream_error_code(b"not json USG.000000004"), None);
     }
 }

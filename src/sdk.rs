@@ -92,10 +92,27 @@ impl SdkAuth {
             ));
         }
         let body = read(body).await?;
+        self.answer(req, &body, rules, cfg, default_user)
+    }
+
+    /// [`SdkAuth::handle`] once the body is read: every check, no I/O.
+    pub fn answer(
+        &self,
+        req: SdkRequest<'_>,
+        body: &[u8],
+        rules: &AccessRules,
+        cfg: &SdkConfig,
+        default_user: impl Fn(&str) -> Option<String>,
+    ) -> Result<Response<Full<Bytes>>, GatewayError> {
+        if !rules.has_sdk_clients() {
+            return Err(GatewayError::Forbidden(
+                "sign-in is done by the gateway: send requests without credentials (no SDK clients are configured)",
+            ));
+        }
         let lifetime_ms = cfg.session_lifetime.as_millis() as u64;
         match req.operation {
             "create_app_id_token" => {
-                let (client, user) = self.verify_appauth(&req, &body, rules, &default_user)?;
+                let (client, user) = self.verify_appauth(&req, body, rules, &default_user)?;
                 let app = client.apps.first().cloned().unwrap_or_default();
                 let user = user.or_else(|| default_user(&app)).unwrap_or_default();
                 let issued =
@@ -127,7 +144,7 @@ impl SdkAuth {
                 Ok(token_response(&issued, &client, req.peer, lifetime_ms))
             }
             "check_token" => {
-                let v: ValidateBody = serde_json::from_slice(&body)
+                let v: ValidateBody = serde_json::from_slice(body)
                     .map_err(|_| GatewayError::BadRequest("the body must be {\"token\": ...}"))?;
                 let token = v.token.unwrap_or_default();
                 let session = self

@@ -20,18 +20,8 @@ use crate::tls::Tls;
 use crate::proxy::Gateway;
 use crate::workers::Workers;
 
-/// Serves `listener` until `shutdown` resolves, then lets in-flight requests finish for up to
-/// `grace`. Connections are accepted here and served on `workers`, in turn. Returns whether
-/// every connection closed within the grace period.
-pub async fn serve(
-    listener: TcpListener,
-    gateway: Arc<Gateway>,
-    tls: Option<Tls>,
-    limits: &LimitsConfig,
-    workers: &Workers,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) -> bool {
+/// The HTTP/1.1 and h2c connection settings of the proxy listener, from `[limits]`.
+fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -46,6 +36,50 @@ pub async fn serve(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(limits.header_read_timeout))
         .keep_alive_timeout(limits.header_read_timeout);
+    builder
+}
+
+/// Serves one plain connection on `io` exactly as the listener serves an accepted one (the
+/// framing watch, HTTP/1.1 or h2c under `[limits]`, every request through the gateway), until
+/// the client closes it. For in-process drivers: the fuzzer feeds it raw bytes.
+pub async fn serve_io<IO>(
+    gateway: Arc<Gateway>,
+    io: IO,
+    peer: std::net::SocketAddr,
+    upstream: crate::upstream::Upstream,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = gateway.config().limits.clone();
+    let builder = connection_builder(&limits);
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch_flag = flag.clone();
+    let gw = gateway.clone();
+    let service = service_fn(move |req| {
+        let gw = gw.clone();
+        let upstream = upstream.clone();
+        let refuse = flag.load(std::sync::atomic::Ordering::Relaxed);
+        async move { Ok::<_, Infallible>(gw.handle(req, peer, refuse, &upstream).await) }
+    });
+    let stream = FramingWatch::new(io, watch_flag);
+    let _ = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// Serves `listener` until `shutdown` resolves, then lets in-flight requests finish for up to
+/// `grace`. Connections are accepted here and served on `workers`, in turn. Returns whether
+/// every connection closed within the grace period.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    tls: Option<Tls>,
+    limits: &LimitsConfig,
+    workers: &Workers,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> bool {
+    let builder = connection_builder(limits);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -50,6 +50,9 @@ impl ConfigError {
     }
 }
 
+/// The longest duration any setting takes.
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// Collects problems instead of stopping at the first, each with its key and value.
 #[derive(Default)]
 pub(super) struct Checker {
@@ -75,6 +78,11 @@ impl Checker {
         match humantime::parse_duration(text) {
             Ok(d) if d.is_zero() => {
                 self.problem(key, quoted(text), "must be longer than zero");
+                Duration::from_secs(1)
+            }
+            // No setting needs more, and instants a year or more ahead can overflow.
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(key, quoted(text), "must be at most a year");
                 Duration::from_secs(1)
             }
             Ok(d) => d,

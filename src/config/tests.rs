@@ -331,3 +331,17 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn durations_over_a_year_are_refused_with_their_key() {
+    let text = format!("{MINIMAL}\n[quota]\nmax_wait = \"500years\"\n");
+    let problems = load_str(&text, &env(&[("KEY1", "k")]))
+        .expect_err("invalid")
+        .problems();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("quota.max_wait") && p.contains("at most a year")),
+        "{problems:?}"
+    );
+}

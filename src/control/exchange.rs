@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -138,12 +138,7 @@ impl Exchange {
             .await
             .map_err(Failure::Gateway)?;
         if parts.status == StatusCode::TOO_MANY_REQUESTS {
-            let retry_after = parts
-                .headers
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::headers::retry_after(&parts.headers);
             if let Some(bucket) = self.quota.find(&self.bucket) {
                 self.quota.hold(&bucket, retry_after);
             }
@@ -181,7 +176,7 @@ impl Exchange {
 
 /// The token and its lifetime from a `conferences/token` answer: `confTokenExpireTime` (a
 /// lifetime, immune to clock skew), else `expireTime` (epoch ms) against our clock.
-fn parse(bytes: &[u8], now_ms: u64) -> Option<Granted> {
+pub fn parse(bytes: &[u8], now_ms: u64) -> Option<Granted> {
     let data = serde_json::from_slice::<Answer>(bytes).ok()?.data?;
     let token = data.token.filter(|t| !t.expose_secret().is_empty())?;
     let lifetime = match (data.conf_token_expire_time, data.expire_time) {

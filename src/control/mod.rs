@@ -22,7 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
-pub use exchange::{Exchange, Failure};
+pub use exchange::{parse as token_answer, Exchange, Failure, Granted};
 
 use crate::clock::{Clock, LastUse};
 use crate::error::GatewayError;

@@ -240,7 +240,7 @@ impl QuotaManager {
         self.upstream_429s.fetch_add(1, Ordering::Relaxed);
         let hold = retry_after
             .unwrap_or(bucket.slowest)
-            .max(Duration::from_millis(10));
+            .clamp(Duration::from_millis(10), crate::headers::MAX_RETRY_AFTER);
         let until = Instant::now() + hold;
         let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
         state.hold_until = Some(state.hold_until.map_or(until, |h| h.max(until)));

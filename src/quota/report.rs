@@ -144,8 +144,14 @@ fn parse_window(text: &str) -> Option<Duration> {
         "day" | "d" => 86_400,
         _ => return None,
     };
-    Some(Duration::from_secs(n.checked_mul(secs)?))
+    // A window longer than a day is no APIG policy: ignored (a huge one would overflow the
+    // instants a budget or a rebuilt limit ends at).
+    Some(Duration::from_secs(n.checked_mul(secs)?)).filter(|w| *w <= MAX_WINDOW)
 }
+
+/// The longest window an upstream report may set: APIG's policies count per second, minute,
+/// hour or day.
+pub(super) const MAX_WINDOW: Duration = Duration::from_secs(86_400);
 
 impl QuotaManager {
     /// Reads the upstream's counters on a response and adjusts the bucket: a lower reported

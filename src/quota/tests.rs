@@ -548,3 +548,47 @@ proptest! {
         prop_assert!(max_in_closed_window(&admitted, Duration::from_secs(1) + margin) <= all_env as usize);
     }
 }
+
+/// Found by the `ratelimit` and `upstream_headers` fuzz targets: absurd windows, limits and
+/// waits from the upstream are ignored or capped, never an overflow.
+#[tokio::test]
+async fn absurd_upstream_reports_and_waits_are_survived() {
+    assert_eq!(
+        parse_ratelimit("remain:1,limit:5,time:90000000000 second").and_then(|r| r.window),
+        None
+    );
+    assert_eq!(
+        parse_ratelimit("limit:5,time:2 day").and_then(|r| r.window),
+        None,
+        "longer than a day"
+    );
+    for algorithm in [QuotaAlgorithm::Exact, QuotaAlgorithm::Gcra] {
+        let (mgr, bucket) = one_bucket(algorithm, 100, 60, 200, 1, Some(10));
+        let key = BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        };
+        let a = mgr
+            .acquire(
+                &key,
+                Instant::now() + Duration::from_secs(1),
+                &Class::anonymous(),
+            )
+            .await
+            .expect("admitted");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            X_APIG_RATELIMIT_API,
+            http::HeaderValue::from_static("remain:0,limit:1,time:1 day"),
+        );
+        mgr.observe(a, &headers);
+        assert!(
+            mgr.hold(&bucket, Some(Duration::from_secs(u64::MAX))) <= Duration::from_secs(3600)
+        );
+        assert!(
+            bucket.try_admit(Instant::now()).is_err(),
+            "held, not crashed"
+        );
+    }
+}

@@ -12,4 +12,4 @@ pub use cache::{
 };
 pub use settings::{AppConfig, TokenConfig};
 pub use shared::SharedAuthenticator;
-pub use signin::{nonce, UpstreamAuthenticator, APPAUTH_PATH};
+pub use signin::{answer as sign_in_answer, nonce, UpstreamAuthenticator, APPAUTH_PATH};

@@ -165,31 +165,36 @@ impl UpstreamAuthenticator {
         )
         .await
         .map_err(SignInError::Upstream)?;
-        if !status.is_success() {
-            let code = serde_json::from_slice::<ErrorAnswer>(&bytes)
-                .ok()
-                .and_then(|e| e.error_code)
-                .unwrap_or_else(|| "(no error_code)".into());
-            tracing::debug!(status = status.as_u16(), %code, upstream_request_id = %upstream_id, "Sign-in refused");
-            return Err(SignInError::Rejected {
-                status: status.as_u16(),
-                code,
-            });
-        }
-        let answer: AppAuthAnswer = serde_json::from_slice(&bytes)
-            .map_err(|e| SignInError::BadResponse(format!("not the appauth JSON ({e})")))?;
-        let lifetime = lifetime(&answer, now_s).ok_or_else(|| {
-            SignInError::BadResponse("no usable validPeriod or expireTime".into())
-        })?;
-        let access_token = answer
-            .access_token
-            .filter(|t| !t.expose_secret().is_empty())
-            .ok_or_else(|| SignInError::BadResponse("accessToken missing".into()))?;
-        Ok(Grant {
-            access_token,
-            lifetime,
+        answer(status, &bytes, now_s).inspect_err(|e| {
+            tracing::debug!(error = %e, upstream_request_id = %upstream_id, "Sign-in refused");
         })
     }
+}
+
+/// What an appauth answer grants: its token and the lifetime the server gave, or why not.
+pub fn answer(status: http::StatusCode, bytes: &[u8], now_s: u64) -> Result<Grant, SignInError> {
+    if !status.is_success() {
+        let code = serde_json::from_slice::<ErrorAnswer>(bytes)
+            .ok()
+            .and_then(|e| e.error_code)
+            .unwrap_or_else(|| "(no error_code)".into());
+        return Err(SignInError::Rejected {
+            status: status.as_u16(),
+            code,
+        });
+    }
+    let answer: AppAuthAnswer = serde_json::from_slice(bytes)
+        .map_err(|e| SignInError::BadResponse(format!("not the appauth JSON ({e})")))?;
+    let lifetime = lifetime(&answer, now_s)
+        .ok_or_else(|| SignInError::BadResponse("no usable validPeriod or expireTime".into()))?;
+    let access_token = answer
+        .access_token
+        .filter(|t| !t.expose_secret().is_empty())
+        .ok_or_else(|| SignInError::BadResponse("accessToken missing".into()))?;
+    Ok(Grant {
+        access_token,
+        lifetime,
+    })
 }
 
 /// The server's lifetime: `validPeriod`, else `expireTime` against `createTime` or our clock.
