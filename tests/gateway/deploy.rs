@@ -719,6 +719,255 @@ fn dockerfile_matches_the_docs_and_its_config() {
     }
 }
 
+/// A Dockerfile stage: its name, its `FROM` image, and the instructions after `FROM`.
+struct Stage {
+    name: String,
+    from: String,
+    body: Vec<(String, String)>,
+}
+
+fn stages(all: &[(String, String)]) -> Vec<Stage> {
+    let mut out: Vec<Stage> = Vec::new();
+    for (inst, args) in all {
+        if inst == "FROM" {
+            let w: Vec<&str> = args.split_whitespace().collect();
+            let (from, name) = match w.as_slice() {
+                [from, kw, name] if kw.eq_ignore_ascii_case("AS") => (*from, *name),
+                [from] => (*from, ""),
+                _ => panic!("FROM {args}"),
+            };
+            out.push(Stage {
+                name: name.to_owned(),
+                from: from.to_owned(),
+                body: Vec::new(),
+            });
+        } else if let Some(stage) = out.last_mut() {
+            stage.body.push((inst.clone(), args.clone()));
+        }
+    }
+    out
+}
+
+/// The build argument that picks where the binary comes from, and the build context a
+/// prebuilt binary comes in.
+const BINARY_ARG: &str = "MEETGATE_BINARY";
+const BINARY_CONTEXT: &str = "meetgate-bin";
+
+#[test]
+fn the_image_takes_the_builders_binary_by_default_or_a_prebuilt_one() {
+    let all = dockerfile();
+    // A global ARG (before the first FROM) names the stage; unset, it is the full build.
+    let global: Vec<&(String, String)> = all.iter().take_while(|(i, _)| i != "FROM").collect();
+    assert!(
+        global.iter().any(|(i, a)| i == "ARG" && a == BINARY_ARG),
+        "ARG {BINARY_ARG} before the first FROM"
+    );
+    let stages = stages(&all);
+    let named = |name: &str| {
+        stages
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no stage {name}"))
+    };
+    assert!(
+        named("builder").from.starts_with("rust:"),
+        "the builder is the Rust image"
+    );
+    // `prebuilt` holds the binary of the build context and nothing else, where the builder
+    // leaves its own.
+    let prebuilt = named("prebuilt");
+    assert_eq!(
+        prebuilt.from, "scratch",
+        "the prebuilt stage is empty but for the binary"
+    );
+    assert_eq!(
+        prebuilt.body,
+        [(
+            "COPY".to_owned(),
+            format!("--from={BINARY_CONTEXT} --chmod=0755 meetgate /out/meetgate")
+        )],
+        "the prebuilt stage copies `meetgate` of the build context {BINARY_CONTEXT}"
+    );
+    let binary = named("binary");
+    assert_eq!(
+        binary.from,
+        format!("${{{BINARY_ARG}:-builder}}"),
+        "FROM ${{{BINARY_ARG}:-builder}} AS binary: the builder's unless told otherwise"
+    );
+    assert!(
+        binary.body.is_empty(),
+        "the binary stage only picks a stage"
+    );
+    let runtime = stages.last().expect("stages");
+    assert_eq!(runtime.name, "runtime", "the runtime stage is the last");
+    let copies: Vec<&String> = runtime
+        .body
+        .iter()
+        .filter(|(i, _)| i == "COPY")
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(
+        copies,
+        ["--from=binary /out/meetgate /usr/local/bin/meetgate"],
+        "the runtime copies the picked stage's binary"
+    );
+
+    // The image test and the documentation build the prebuilt way with the same argument
+    // and context.
+    for file in [TEST_IMAGE, "deploy/README.md"] {
+        let text = read(file);
+        for needle in [
+            format!("--build-arg {BINARY_ARG}=prebuilt"),
+            format!("--build-context {BINARY_CONTEXT}="),
+        ] {
+            assert!(text.contains(&needle), "{file} does not use {needle}");
+        }
+    }
+}
+
+/// Builds the image with podman and runs it as the manifests do (`.ci/run` runs it).
+const TEST_IMAGE: &str = "deploy/test-image";
+
+#[test]
+fn the_image_test_script_parses_and_runs_the_image_as_the_sidecar_manifest_does() {
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(path(TEST_IMAGE))
+        .output()
+        .expect("run bash -n");
+    assert!(
+        syntax.status.success(),
+        "{TEST_IMAGE} does not parse: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    let mode = std::fs::metadata(path(TEST_IMAGE))
+        .expect("the script")
+        .permissions();
+    assert!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o111 != 0,
+        "{TEST_IMAGE} is executable"
+    );
+    // The container runs with what the manifest's securityContext sets, and the user the
+    // manifest runs as.
+    let script = read(TEST_IMAGE);
+    let m = Manifest::load("deploy/kubernetes/sidecar.yaml");
+    let spec = at(m.only("Deployment"), "spec.template.spec");
+    let container = list(spec, "initContainers")
+        .iter()
+        .find(|c| at(c, "name").as_str() == Some("meetgate"))
+        .expect("the meetgate container");
+    let sc = at(container, "securityContext");
+    let user = format!(
+        "--user {}:{}",
+        at(sc, "runAsUser").as_u64().expect("runAsUser"),
+        at(sc, "runAsGroup").as_u64().expect("runAsGroup")
+    );
+    for flag in [
+        "--read-only",
+        "--read-only-tmpfs=false",
+        user.as_str(),
+        "--cap-drop ALL",
+        "--security-opt no-new-privileges",
+        "-v \"$work/conf:/etc/meetgate:ro\"",
+        "-v \"$work/secrets:/run/secrets/meetgate:ro\"",
+    ] {
+        assert!(
+            script.contains(flag),
+            "{TEST_IMAGE} runs the image without {flag}"
+        );
+    }
+    assert!(
+        script.contains("exit 0") && script.contains("skipped: podman is not installed"),
+        "{TEST_IMAGE} skips without podman"
+    );
+}
+
+/// The Kubernetes version whose schemas the manifests are validated against: the newest
+/// kubernetes-validate knows (the manifests themselves need 1.29 and 1.30, see
+/// deploy/README.md).
+const KUBERNETES_VERSION: &str = "1.37";
+
+/// `kubernetes-validate` (PyPI): `MEETGATE_KUBERNETES_VALIDATE`, `PATH`, or the virtualenv
+/// `.ci/run` makes (`target/ci-k8s-venv`).
+fn kubernetes_validate() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MEETGATE_KUBERNETES_VALIDATE") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "MEETGATE_KUBERNETES_VALIDATE={}: no such file",
+            p.display()
+        );
+        return Some(p);
+    }
+    on_path("kubernetes-validate").or_else(|| {
+        let venv = path("target/ci-k8s-venv/bin/kubernetes-validate");
+        venv.is_file().then_some(venv)
+    })
+}
+
+/// Runs `kubernetes-validate --strict` on `file`: its exit status and output.
+fn validate_strictly(tool: &Path, file: &Path) -> (bool, String) {
+    let out = Command::new(tool)
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .arg(file)
+        .output()
+        .expect("kubernetes-validate runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn manifests_pass_kubernetes_schemas_in_strict_mode() {
+    let Some(tool) = kubernetes_validate() else {
+        eprintln!(
+            "note: kubernetes-validate not found (pip install kubernetes-validate, or set \
+             MEETGATE_KUBERNETES_VALIDATE); schema validation of the manifests skipped"
+        );
+        return;
+    };
+    let files = [
+        "deploy/kubernetes/sidecar.yaml",
+        "deploy/kubernetes/gateway.yaml",
+    ];
+    for file in files {
+        let (ok, out) = validate_strictly(&tool, &path(file));
+        assert!(ok, "{file} against Kubernetes {KUBERNETES_VERSION}:\n{out}");
+        // Every document was checked against a schema, none skipped.
+        let passed = out.matches(" passed for resource ").count();
+        assert_eq!(
+            passed,
+            Manifest::load(file).docs.len(),
+            "{file}: documents validated\n{out}"
+        );
+    }
+
+    // Strictness: a field Kubernetes does not know (a misspelling in meetgate's hardening)
+    // fails, naming it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = read("deploy/kubernetes/gateway.yaml");
+    let (right, wrong) = (
+        "readOnlyRootFilesystem: true",
+        "readOnlyRootFileSystem: true",
+    );
+    assert_eq!(
+        good.matches(right).count(),
+        1,
+        "one {right} in gateway.yaml"
+    );
+    let bad = dir.path().join("gateway.yaml");
+    std::fs::write(&bad, good.replace(right, wrong)).expect("write");
+    let (ok, out) = validate_strictly(&tool, &bad);
+    assert!(!ok, "a misspelt field passed validation:\n{out}");
+    assert!(
+        out.contains("'readOnlyRootFileSystem' was unexpected"),
+        "the failure names the misspelt field:\n{out}"
+    );
+}
+
 /// The production build: a profile-guided release build (docs/operations.md, "Build").
 const PGO_BUILD: &str = "deploy/build-pgo";
 
