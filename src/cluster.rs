@@ -227,7 +227,9 @@ pub enum ClusterError {
 pub struct Cluster {
     cfg: ClusterConfig,
     client: Option<redis::Client>,
-    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The connection and its number: a timed-out one is forgotten only if still current.
+    conn: tokio::sync::Mutex<Option<(u64, ConnectionManager)>>,
+    connections: AtomicU64,
     last_attempt: Mutex<Option<Instant>>,
     degraded: AtomicBool,
     last_error: Mutex<String>,
@@ -249,6 +251,7 @@ impl Cluster {
             cfg,
             client,
             conn: tokio::sync::Mutex::new(None),
+            connections: AtomicU64::new(0),
             last_attempt: Mutex::new(None),
             degraded: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
@@ -316,7 +319,7 @@ impl Cluster {
     }
 
     /// A connection, made on first use and retried at most once a second while Redis is down.
-    async fn connection(&self) -> Result<ConnectionManager, ClusterError> {
+    async fn connection(&self) -> Result<(u64, ConnectionManager), ClusterError> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
@@ -346,8 +349,20 @@ impl Cluster {
         .await
         .map_err(|_| ClusterError::Timeout)?
         .map_err(|e| ClusterError::Unavailable(format!("{:?}", e.kind())))?;
-        *guard = Some(manager.clone());
-        Ok(manager)
+        let id = self.connections.fetch_add(1, Ordering::Relaxed);
+        *guard = Some((id, manager.clone()));
+        Ok((id, manager))
+    }
+
+    /// Gives up connection `id` after a command on it timed out. A partition drops packets
+    /// without resetting the connection, and TCP's retransmissions back off to many seconds, so
+    /// after the link heals the old connection may stay silent long after a new one would
+    /// answer: the next command connects afresh (at most once a second, as above).
+    async fn forget(&self, id: u64) {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_some_and(|(current, _)| *current == id) {
+            *guard = None;
+        }
     }
 
     /// Runs one Redis operation under the timeout, tracking degraded mode.
@@ -357,10 +372,18 @@ impl Cluster {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let result = async {
-            let conn = self.connection().await?;
+            let (id, conn) = self.connection().await?;
             match tokio::time::timeout(self.cfg.timeout, op(conn)).await {
-                Err(_) => Err(ClusterError::Timeout),
-                Ok(Err(e)) => Err(ClusterError::Unavailable(format!("{:?}", e.kind()))),
+                Err(_) => {
+                    self.forget(id).await;
+                    Err(ClusterError::Timeout)
+                }
+                Ok(Err(e)) => {
+                    if e.is_timeout() {
+                        self.forget(id).await;
+                    }
+                    Err(ClusterError::Unavailable(format!("{:?}", e.kind())))
+                }
                 Ok(Ok(v)) => Ok(v),
             }
         }

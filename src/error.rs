@@ -73,6 +73,12 @@ pub fn upstream_error_code(body: &[u8]) -> Option<&str> {
         #[serde(borrow)]
         error_code: Option<&'a str>,
     }
+    // serde's derived structs also accept a JSON array (fields by position), so `["USG..."]`
+    // would read as an error code; the upstream's error body is always an object (found by
+    // fuzzing: fuzz/corpus/upstream_answers/seed-found-array).
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
     serde_json::from_slice::<ErrorBody<'_>>(body)
         .ok()
         .and_then(|b| b.error_code)

@@ -333,6 +333,15 @@ impl Upstream {
             .map_err(|_| GatewayError::BadRequest("the request target is not a valid URI"))
     }
 
+    /// Returns once a request sent now goes out at once over HTTP/2 (the lane's connection is
+    /// open, opened now if needed). Over HTTP/1.1 a connection is still opened by the send.
+    pub async fn ready(&self) -> Result<(), GatewayError> {
+        match &self.lane {
+            Some(lane) => lane.ready(self.endpoint.request_timeout).await,
+            None => Ok(()),
+        }
+    }
+
     /// Sends a request and waits for the response headers under `request_timeout` (which
     /// includes connecting when no connection is open).
     pub async fn send(

@@ -117,6 +117,11 @@ impl QuotaManager {
             }),
             SharedLimits::Gcra(limits) => cluster.gcra(&limits, longest).await,
         };
+        // The decision took a Redis round trip, or a timeout, or a wait for the connection
+        // another request is making: what is booked locally from here happens now, not when
+        // this call began. (Booked at the earlier time, a fallback window would end early by
+        // that wait, and the next share go while the upstream still counts this one.)
+        let now = Instant::now().max(now);
         match verdict {
             Ok(None) => {
                 let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());

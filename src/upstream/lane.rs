@@ -181,6 +181,23 @@ impl Lane {
         Ok(Some((id, send)))
     }
 
+    /// Opens the connection if none is open (or says the upstream speaks HTTP/1.1 only), so a
+    /// request admitted by the quota right after goes out at once: the upstream counts a
+    /// request when it arrives, and a TLS handshake over a slow link would otherwise move the
+    /// arrival of the requests waiting on it by several round trips after their admission.
+    pub(crate) async fn ready(self: &Arc<Self>, timeout: Duration) -> Result<(), GatewayError> {
+        if self.current().is_some() {
+            return Ok(());
+        }
+        match tokio::time::timeout(timeout, self.connection()).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(GatewayError::UpstreamTimeout {
+                phase: Phase::Connect,
+                after: timeout,
+            }),
+        }
+    }
+
     /// `fut`'s output, unless `deadline` comes first: then connection `id` is given up, as one
     /// that may be dead without TCP knowing yet (see [`Lane::send`]).
     async fn until<T>(

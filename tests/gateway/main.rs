@@ -12,6 +12,8 @@ mod fair;
 mod forwarding;
 mod hardening;
 mod logs;
+mod netfault;
+mod observe;
 mod operate;
 mod quota;
 mod secrets;
