@@ -33,6 +33,8 @@ pub struct Entry<'a> {
     pub token_wait: Duration,
     pub upstream: Duration,
     pub request_id: &'a str,
+    /// The W3C trace id (32 hex digits): the request span's, or the client's `traceparent`.
+    pub trace_id: &'a str,
     /// The upstream's `X-Request-Id`, latency and rate-limit headers, as in [`UPSTREAM_FIELDS`].
     pub upstream_headers: [&'a str; 6],
     pub replayed: bool,
@@ -193,6 +195,7 @@ fn fields(e: &Entry<'_>, style: Style, out: &mut Vec<u8>) {
         push_ms(out, d);
     }
     style.string(out, "request_id", e.request_id);
+    style.string(out, "trace_id", e.trace_id);
     for (name, value) in UPSTREAM_FIELDS.iter().zip(e.upstream_headers) {
         style.string(out, name, value);
     }
@@ -307,6 +310,7 @@ mod tests {
             token_wait: Duration::from_micros(1),
             upstream: Duration::from_micros(420),
             request_id: "6d5ccc484cf44d2182e6dce080a1cb56",
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
             upstream_headers: [
                 "6d5ccc484cf44d2182e6dce080a1cb56",
                 "0",
@@ -338,6 +342,7 @@ mod tests {
              client=127.0.0.1:58186 app=\"demo\" user=\"\" conference=\"914087436\" \
              control_token=\"-\" total_ms=0.487 queue_wait_ms=0.002 \
              token_wait_ms=0.001 upstream_ms=0.42 request_id=\"6d5ccc484cf44d2182e6dce080a1cb56\" \
+             trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\" \
              upstream_request_id=\"6d5ccc484cf44d2182e6dce080a1cb56\" apig_latency=\"0\" \
              apig_upstream_latency=\"0\" envoy_upstream_service_time=\"0\" \
              ratelimit_api=\"remain:99,limit:100,time:1 minute\" \
@@ -369,7 +374,8 @@ mod tests {
         assert_eq!(v["replayed"], false);
         assert_eq!(v["ratelimit_api"], "remain:99,limit:100,time:1 minute");
         assert_eq!(v["conference"], "914087436");
-        assert_eq!(v.as_object().unwrap().len(), 28);
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v.as_object().unwrap().len(), 29);
     }
 
     #[test]

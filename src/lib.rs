@@ -29,6 +29,7 @@ pub mod simulator;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod trace;
 pub mod upstream;
 pub mod workers;
 

@@ -88,7 +88,8 @@ fn main() -> ExitCode {
         },
         |c| c.log.clone(),
     );
-    let _log_guard = match telemetry::init(&log) {
+    let tracing = config.as_ref().and_then(|c| c.tracing.clone());
+    let _log_guard = match telemetry::init(&log, tracing.as_ref()) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("meetgate: logging: {e}");

@@ -55,6 +55,11 @@ pub struct ControlLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClientLabels {
     pub client: Arc<str>,
 }
@@ -90,6 +95,8 @@ pub struct Metrics {
     pub control_sessions: Gauge,
     pub control_token_requests: Family<ControlLabels, Counter>,
     pub control_replays: Counter,
+    /// Span batches sent to the OTLP collector (`result` ok or error), from [`crate::trace`].
+    pub trace_export_batches: Family<ResultLabels, Counter>,
     pub client_admitted: Family<ClientLabels, Counter>,
     pub client_queue_wait_seconds: Family<ClientLabels, Histogram, fn() -> Histogram>,
     pub client_refused: Family<ClientRefusalLabels, Counter>,
@@ -228,6 +235,12 @@ impl Metrics {
             "Control calls replayed after the upstream refused meetgate's control token",
             control_replays.clone(),
         );
+        let trace_export_batches = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "trace_export_batches",
+            "Span batches sent to the OTLP collector, by result ([tracing] on only)",
+            trace_export_batches.clone(),
+        );
         let client_admitted = Family::<ClientLabels, Counter>::default();
         registry.register(
             "client_admitted",
@@ -251,6 +264,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            trace_export_batches,
             client_admitted,
             client_queue_wait_seconds,
             client_refused,

@@ -36,7 +36,9 @@ use crate::quota::{Admission, BucketKey, Class, QuotaManager, Refused};
 use crate::sdk::{SdkAuth, SdkRequest};
 use crate::token::AppConfig;
 use crate::token::{Authenticator, SharedAuthenticator, Slot, TokenCache, UpstreamAuthenticator};
+use crate::trace;
 use crate::upstream::{read_body, Upstream, UpstreamBody, UpstreamBuildError};
+use tracing::Instrument;
 
 /// What the gateway answers with: the upstream's streamed body, or one it built itself.
 /// The upstream's body is watched for silence longer than `upstream.body_timeout`.
@@ -100,6 +102,9 @@ struct RequestCtx {
     method: Method,
     uri: Uri,
     request_id: HeaderValue,
+    /// The request's span (disabled unless `[tracing]` is on) and the trace id it carries.
+    span: tracing::Span,
+    trace_id: Option<opentelemetry::trace::TraceId>,
     operation: &'static str,
     /// Set once the request is classified: indexes per-operation metric handles.
     op_id: Option<OperationId>,
@@ -326,6 +331,24 @@ impl Gateway {
     pub fn update_gauges(&self) {
         let now = self.tokens.now_ms();
         let m = &self.metrics;
+        // The exporter counts on its own thread; the counters catch up at each scrape.
+        for (result, total) in [
+            (
+                "ok",
+                trace::EXPORTED_BATCHES.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            (
+                "error",
+                trace::FAILED_BATCHES.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        ] {
+            if total > 0 {
+                let c = m
+                    .trace_export_batches
+                    .get_or_create(&crate::metrics::ResultLabels { result });
+                c.inc_by(total.saturating_sub(c.get()));
+            }
+        }
         m.token_expiry_seconds.clear();
         for e in self.apps.load().iter() {
             let left = e
@@ -405,6 +428,9 @@ impl Gateway {
         if new.cluster != old.cluster {
             summary.needs_restart.push("cluster");
         }
+        if new.tracing != old.tracing {
+            summary.needs_restart.push("tracing");
+        }
         if new.tls.as_ref().map(|t| &t.certs) != old.tls.as_ref().map(|t| &t.certs) {
             summary.needs_restart.push("tls");
         }
@@ -478,12 +504,16 @@ impl Gateway {
         conflicting_framing: bool,
         upstream: &Upstream,
     ) -> Response<ResponseBody> {
+        let span = trace::request_span(req.headers(), req.method());
+        let trace_id = trace::trace_id(&span, req.headers());
         let mut ctx = RequestCtx {
             start: Instant::now(),
             peer,
             method: req.method().clone(),
             uri: req.uri().clone(),
             request_id: request_id(req.headers()),
+            span,
+            trace_id,
             operation: "-",
             op_id: None,
             app: None,
@@ -509,7 +539,12 @@ impl Gateway {
             Ok(_) if conflicting_framing => Err(GatewayError::BadRequest(
                 "Content-Length and Transfer-Encoding together are not accepted",
             )),
-            Ok(_permit) => self.handle_inner(req, &mut ctx, upstream).await,
+            Ok(_permit) => {
+                let span = ctx.span.clone();
+                self.handle_inner(req, &mut ctx, upstream)
+                    .instrument(span)
+                    .await
+            }
             Err(_) => Err(GatewayError::Overloaded),
         };
         let (resp, error) = match result {
@@ -524,6 +559,19 @@ impl Gateway {
             }
         };
         metrics.in_flight.dec();
+        if !ctx.span.is_disabled() {
+            ctx.span.record(
+                "http.response.status_code",
+                i64::from(resp.status().as_u16()),
+            );
+            ctx.span.record(
+                "meetgate.request_id",
+                ctx.request_id.to_str().unwrap_or("-"),
+            );
+            if let Some((code, _)) = &error {
+                ctx.span.record("error.type", *code);
+            }
+        }
         let total = ctx.start.elapsed();
         access_log(&ctx, total, resp.status(), error.as_ref());
         record(metrics, &ctx, total, resp.status());
@@ -577,10 +625,43 @@ impl Gateway {
         loop {
             plan.attempts += 1;
             // The token first: a slot must be spent on a request that goes at once.
-            self.await_token(&plan, ctx).await?;
-            let admission = self.admit(&plan, ctx).await?;
+            self.await_token(&plan, ctx)
+                .instrument(tracing::info_span!(target: trace::TARGET, "token wait"))
+                .await?;
+            // And the connection: the upstream counts the request when it arrives.
+            upstream.ready().await?;
+            let admission = self
+                .admit(&plan, ctx)
+                .instrument(tracing::info_span!(target: trace::TARGET, "quota wait"))
+                .await?;
             let generation = self.inject_token(&mut plan, ctx).await?;
-            let resp = self.forward(&mut plan.out, upstream, ctx, limits).await?;
+            let span = tracing::info_span!(
+                target: trace::TARGET,
+                "upstream",
+                otel.kind = "client",
+                meetgate.attempt = plan.attempts,
+                http.response.status_code = tracing::field::Empty,
+                upstream.request_id = tracing::field::Empty,
+            );
+            trace::inject(&span, &mut plan.out.headers);
+            let resp = self
+                .forward(&mut plan.out, upstream, ctx, limits)
+                .instrument(span.clone())
+                .await?;
+            if !span.is_disabled() {
+                span.record(
+                    "http.response.status_code",
+                    i64::from(resp.status().as_u16()),
+                );
+                if let Some(id) = resp
+                    .headers()
+                    .get(X_REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    span.record("upstream.request_id", id);
+                }
+            }
+            drop(span);
             if let Some(a) = admission {
                 self.quota.observe(a, resp.headers());
             }
@@ -743,6 +824,10 @@ impl Gateway {
             })?;
         ctx.operation = self.ops.get(op_id).name;
         ctx.op_id = Some(op_id);
+        if !ctx.span.is_disabled() {
+            ctx.span.record("meetgate.operation", ctx.operation);
+            tracing::info!(target: trace::TARGET, operation = ctx.operation, "classified");
+        }
         Ok(op_id)
     }
 
@@ -789,6 +874,11 @@ impl Gateway {
         let caller = view
             .access
             .authenticate(headers, &self.sdk.sessions, self.tokens.now_ms())?;
+        if !ctx.span.is_disabled() {
+            let who = caller.client().map_or("-", |c| &*c.name);
+            ctx.span.record("meetgate.client", who);
+            tracing::info!(target: trace::TARGET, client = who, "access granted");
+        }
         if let Some(client) = caller.client() {
             ctx.client = Some(client.name.clone());
             // Over its own rate: refused before it takes a place in any queue.
@@ -978,6 +1068,7 @@ impl Gateway {
                 self.tokens.invalidate(&plan.slot, generation);
                 if replayable && !ctx.replayed_401 {
                     ctx.replayed_401 = true;
+                    tracing::info!(target: trace::TARGET, reason = "token refused", "replay");
                     return Ok(Next::Replay);
                 }
             } else if let Some(c) = &plan.control {
@@ -991,6 +1082,11 @@ impl Gateway {
                     match self.controls.token(&session, &exchange).await {
                         Ok((header, generation)) => {
                             self.metrics.control_replays.inc();
+                            tracing::info!(
+                                target: trace::TARGET,
+                                reason = "control token refused",
+                                "replay"
+                            );
                             plan.control = Some(Injected {
                                 session,
                                 header,
@@ -1022,6 +1118,7 @@ impl Gateway {
                 && plan.attempts <= MAX_QUOTA_REPLAYS
                 && Instant::now() + hold < plan.deadline
             {
+                tracing::info!(target: trace::TARGET, reason = "upstream 429", "replay");
                 return Ok(Next::Replay);
             }
             rparts
@@ -1169,6 +1266,7 @@ fn access_log(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
     };
+    let trace_hex = ctx.trace_id.map(|t| t.to_string());
     accesslog::write(&accesslog::Entry {
         method: ctx.method.as_str(),
         path: ctx.uri.path(),
@@ -1184,6 +1282,7 @@ fn access_log(
         token_wait: ctx.token_wait,
         upstream: ctx.upstream_time,
         request_id: ctx.request_id.to_str().unwrap_or("-"),
+        trace_id: trace_hex.as_deref().unwrap_or("-"),
         upstream_headers: [up(0), up(1), up(2), up(3), up(4), up(5)],
         replayed: ctx.replayed_401 || ctx.replayed_control || ctx.upstream_429s > 0,
         upstream_429s: ctx.upstream_429s,
@@ -1242,5 +1341,12 @@ mod tests {
             Some("USG.000000005")
         );
         assert_eq!(upstream_error_code(b"not json USG.000000004"), None);
+        // An array is not an error body, though serde would read it by position.
+        assert_eq!(upstream_error_code(br#"["USG.000000004"]"#), None);
+        assert_eq!(upstream_error_code(br#" [""]"#), None);
+        assert_eq!(
+            upstream_error_code(b" \n{\"error_code\":\"USG.000000004\"}"),
+            Some("USG.000000004")
+        );
     }
 }

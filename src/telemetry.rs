@@ -6,8 +6,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::trace::{self, TraceGuard, TracingConfig};
 
 use serde::Serialize;
 
@@ -41,28 +47,47 @@ const KEEP_CAPACITY: usize = 1024 * 1024;
 /// The installed sink, for the access log's own fast path (the `accesslog` module).
 static SINK: OnceLock<Sink> = OnceLock::new();
 
-/// Installs the global subscriber and the batching sink. Fails if a subscriber is already
-/// installed or the level is invalid. Keep the returned guard until exit: dropping it writes
-/// what is pending and stops the writer.
-pub fn init(log: &LogConfig) -> Result<LogGuard, String> {
+/// Installs the global subscriber and the batching sink, and with `tracing` the OpenTelemetry
+/// layer that exports the request path's spans. Fails if a subscriber is already installed,
+/// the level is invalid or the exporter cannot be built. Keep the returned guard until exit:
+/// dropping it sends the spans still queued, writes what is pending and stops the writer.
+pub fn init(log: &LogConfig, tracing: Option<&TracingConfig>) -> Result<LogGuard, String> {
+    // The request path's spans are the exporter's alone: the log never formats them.
     let filter = EnvFilter::builder()
         .parse(&log.level)
-        .map_err(|e| format!("log.level = {:?}: {e}", log.level))?;
-    let (sink, guard) = Sink::start(std::io::stdout(), log.format == LogFormat::Json)
+        .map_err(|e| format!("log.level = {:?}: {e}", log.level))?
+        .add_directive(
+            format!("{}=off", trace::TARGET)
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        );
+    let (sink, mut guard) = Sink::start(std::io::stdout(), log.format == LogFormat::Json)
         .map_err(|e| format!("cannot start the log writer: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_writer(sink.clone());
-    let result = match log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![match log.format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .try_init(),
-    };
-    result.map_err(|e| e.to_string())?;
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+    }];
+    if let Some(cfg) = tracing {
+        let (otel, trace_guard) = trace::layer::<Registry>(cfg)?;
+        layers.push(
+            otel.with_filter(Targets::new().with_target(trace::TARGET, Level::INFO))
+                .boxed(),
+        );
+        guard.trace = Some(trace_guard);
+    }
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .map_err(|e| e.to_string())?;
     // Only the process-wide subscriber's sink takes the access log's fast path.
     let _ = SINK.set(sink);
     Ok(guard)
@@ -113,10 +138,13 @@ impl Shared {
 pub struct LogGuard {
     shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
+    /// Dropped first: the exporter's last batch, and what it logs, before the writer stops.
+    trace: Option<TraceGuard>,
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
+        drop(self.trace.take());
         self.shared.lock().closing = true;
         self.shared.wake_writer.notify_one();
         if let Some(w) = self.writer.take() {
@@ -146,6 +174,7 @@ impl Sink {
                 json,
             },
             LogGuard {
+                trace: None,
                 shared,
                 writer: Some(writer),
             },

@@ -30,6 +30,7 @@ use crate::secret::print;
 use crate::telemetry::LogConfig;
 use crate::tls::TlsConfig;
 use crate::token::{AppConfig, TokenConfig};
+use crate::trace::TracingConfig;
 use crate::upstream::UpstreamConfig;
 use raw::RawConfig;
 use validate::validate;
@@ -67,6 +68,9 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
     pub log: LogConfig,
+    /// Spans exported over OTLP; `None`: tracing off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingConfig>,
     /// Things worth a warning at start (an inline key, ...), logged once telemetry is up.
     #[serde(skip)]
     pub warnings: Vec<String>,

@@ -37,6 +37,8 @@ pub(super) struct RawConfig {
     pub(super) cluster: Option<RawCluster>,
     #[serde(default)]
     pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) tracing: RawTracing,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +188,26 @@ impl fmt::Debug for RawApp {
 pub(super) struct RawLog {
     pub(super) format: Option<String>,
     pub(super) level: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTracing {
+    /// May hold credentials in its user part: never printed.
+    pub(super) otlp_endpoint: Option<SecretString>,
+    pub(super) sample_ratio: Option<f64>,
+    pub(super) service_name: Option<String>,
+    #[serde(default)]
+    pub(super) resource_attributes: BTreeMap<String, String>,
+    pub(super) export_interval: Option<String>,
+    pub(super) export_timeout: Option<String>,
+    pub(super) max_queued_spans: Option<usize>,
+}
+
+impl fmt::Debug for RawTracing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawTracing").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

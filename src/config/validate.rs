@@ -27,6 +27,7 @@ use crate::secret::{redact_url, KeySource};
 use crate::telemetry::{LogConfig, LogFormat};
 use crate::tls::{Tls, TlsConfig};
 use crate::token::{AppConfig, TokenConfig};
+use crate::trace::TracingConfig;
 use crate::upstream::UpstreamConfig;
 
 pub(super) fn validate(
@@ -179,6 +180,7 @@ pub(super) fn validate(
     }
     let tls = raw.tls.map(|t| validate_tls(&mut c, t));
     let cluster = raw.cluster.and_then(|cl| validate_cluster(&mut c, cl));
+    let tracing = validate_tracing(&mut c, raw.tracing);
     let defaults = ControlConfig::default();
     let rc = raw.control;
     let max_conferences = rc.max_conferences.unwrap_or(defaults.max_conferences);
@@ -240,7 +242,73 @@ pub(super) fn validate(
         control,
         cluster,
         log: LogConfig { format, level },
+        tracing,
         warnings,
+    })
+}
+
+/// `[tracing]`: off (`None`) unless `otlp_endpoint` is set.
+fn validate_tracing(c: &mut Checker, t: RawTracing) -> Option<TracingConfig> {
+    let sample_ratio = c.fraction("tracing.sample_ratio", t.sample_ratio, 1.0, 0.0, 1.0);
+    let export_interval = c.duration(
+        "tracing.export_interval",
+        t.export_interval.as_deref(),
+        "5s",
+    );
+    let export_timeout = c.duration("tracing.export_timeout", t.export_timeout.as_deref(), "10s");
+    let max_queued_spans = t.max_queued_spans.unwrap_or(2048);
+    if max_queued_spans == 0 {
+        c.problem("tracing.max_queued_spans", 0, "must be at least 1");
+    }
+    let service_name = t.service_name.unwrap_or_else(|| "meetgate".to_owned());
+    if service_name.trim().is_empty() {
+        c.problem(
+            "tracing.service_name",
+            quoted(&service_name),
+            "must not be empty",
+        );
+    }
+    for key in t.resource_attributes.keys() {
+        if key.trim().is_empty() {
+            c.problem(
+                "tracing.resource_attributes",
+                quoted(key),
+                "an attribute needs a name",
+            );
+        }
+    }
+    let endpoint = t.otlp_endpoint?;
+    let text = endpoint.expose_secret();
+    if text.is_empty() {
+        return None;
+    }
+    match text.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+        Ok(uri) if uri.scheme_str() == Some("https") => {
+            c.problem(
+                "tracing.otlp_endpoint",
+                quoted(&redact_url(text)),
+                "https is not supported: export to a collector agent over http (on loopback or in the pod), e.g. \"http://127.0.0.1:4318\"",
+            );
+            return None;
+        }
+        _ => {
+            c.problem(
+                "tracing.otlp_endpoint",
+                quoted(&redact_url(text)),
+                "not an http:// URL of an OTLP/HTTP collector, e.g. \"http://127.0.0.1:4318\"",
+            );
+            return None;
+        }
+    }
+    Some(TracingConfig {
+        otlp_endpoint: endpoint,
+        sample_ratio,
+        service_name,
+        resource_attributes: t.resource_attributes,
+        export_interval,
+        export_timeout,
+        max_queued_spans: max_queued_spans.max(1),
     })
 }
 

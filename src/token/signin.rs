@@ -210,7 +210,16 @@ fn lifetime(answer: &AppAuthAnswer, now_s: u64) -> Option<Duration> {
 
 impl Authenticator for UpstreamAuthenticator {
     fn sign_in<'a>(&'a self, app: &'a AppConfig, user: &'a str) -> SignInFuture<'a> {
-        Box::pin(self.appauth(app, user))
+        use tracing::Instrument;
+        // A child of the request's token wait when a request is waiting for it; a trace of
+        // its own for a refresh in the background.
+        let span = tracing::info_span!(
+            target: crate::trace::TARGET,
+            "sign-in",
+            otel.kind = "client",
+            meetgate.app = app.name.as_str(),
+        );
+        Box::pin(self.appauth(app, user).instrument(span))
     }
 }
 

@@ -63,7 +63,8 @@ fn documented_keys() -> BTreeSet<String> {
 }
 
 /// The dotted keys of a TOML document: the entries of an array of tables under the array's
-/// name, every table under `quota.operations` as `quota.operations.<name>`.
+/// name, every table under `quota.operations` as `quota.operations.<name>`, the free-form
+/// `tracing.resource_attributes` map as one key.
 fn toml_keys(text: &str, what: &str) -> BTreeSet<String> {
     fn walk(prefix: &str, table: &toml::Table, out: &mut BTreeSet<String>) {
         for (key, value) in table {
@@ -75,6 +76,10 @@ fn toml_keys(text: &str, what: &str) -> BTreeSet<String> {
                 format!("{prefix}.{key}")
             };
             match value {
+                // A free-form map: its entries are values, not keys of ours.
+                toml::Value::Table(_) if dotted == "tracing.resource_attributes" => {
+                    out.insert(dotted);
+                }
                 toml::Value::Table(t) => walk(&dotted, t, out),
                 toml::Value::Array(items)
                     if !items.is_empty() && items.iter().all(toml::Value::is_table) =>

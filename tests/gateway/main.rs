@@ -21,3 +21,4 @@ mod shape;
 mod soak;
 mod support;
 mod tokens;
+mod trace;
