@@ -64,7 +64,52 @@ const LAYER_VARIANTS: &[(&str, &str)] = &[
     ("mg-http1", "upstream.http2 = false\n"),
     // HTTP/2 even for a worker's single client connection (the default before it had a rule).
     ("mg-h2", "upstream.http1_for_single_client = false\n"),
+    // Traces on, every request sampled / one in a hundred, exported to the bench's OTLP sink.
+    (
+        "mg-trace-1",
+        "[tracing]\notlp_endpoint = \"http://{otlp}\"\nsample_ratio = 1.0\n",
+    ),
+    (
+        "mg-trace-0.01",
+        "[tracing]\notlp_endpoint = \"http://{otlp}\"\nsample_ratio = 0.01\n",
+    ),
 ];
+
+/// An OTLP/HTTP collector that reads and drops what it gets (the traced variants export to
+/// it): its address, and the export requests it answered.
+async fn otlp_sink() -> Result<(SocketAddr, Arc<std::sync::atomic::AtomicU64>), String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("otlp sink: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("otlp sink: {e}"))?;
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let counted = counted.clone();
+                        async move {
+                            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, count))
+}
 
 /// `LOAD_BASELINE=BINARY`: also runs that meetgate build (another commit's), as this variant,
 /// with the default configuration: an A/B comparison in the same run.
@@ -1229,6 +1274,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     std::fs::write(&ca_file, sim.ca_pem()).map_err(|e| format!("write CA: {e}"))?;
     println!("simulator: {} (in this process)", sim.url());
 
+    let (otlp, exports) = otlp_sink().await?;
     let mut proxies = Vec::new();
     let only = std::env::var("LOAD_VARIANTS").ok();
     for (i, (name, extra)) in LAYER_VARIANTS.iter().enumerate() {
@@ -1240,7 +1286,8 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         {
             continue;
         }
-        let p = start_meetgate(name, dir, sim, &ca_file, extra).await?;
+        let extra = extra.replace("{otlp}", &otlp.to_string());
+        let p = start_meetgate(name, dir, sim, &ca_file, &extra).await?;
         proxies.push(p);
     }
     if std::env::var_os(BASELINE_ENV).is_some() {
@@ -1514,6 +1561,11 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
             "{n:<13} access-log lines {lines} for {sent} requests sent"
         );
     }
+    let _ = writeln!(
+        out,
+        "otlp sink: {} export requests from the traced variants",
+        exports.load(Ordering::Relaxed)
+    );
     print!("{out}");
     drop(proxies);
     sim_thread.shutdown().await;

@@ -21,6 +21,7 @@ use crate::support::*;
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+const HOST_PASSWORD: &str = "hostpw-Qx7v2Zr";
 
 /// What an OTLP/HTTP collector received: every export request, decoded.
 #[derive(Clone, Default)]
@@ -161,7 +162,22 @@ async fn start_with(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_otlp_receiver_as_one_tree_per_request() {
-    let sim = default_sim().await;
+    // A meeting whose host password and control tokens must not reach the collector.
+    let mut meetings = meetgate::simulator::SimConfig::default().meetings;
+    meetings.push(meetgate::simulator::SimMeeting {
+        conference_id: "517300042".to_owned(),
+        chair_password: HOST_PASSWORD.to_owned(),
+        guest_password: "guest-Lm4".to_owned(),
+        allow_guest_start: false,
+        subject: "traced".to_owned(),
+    });
+    let sim = start_sim(meetgate::simulator::SimConfig {
+        apps: vec![sim_app()],
+        limits: meetgate::simulator::SimLimits::unlimited(),
+        meetings,
+        ..Default::default()
+    })
+    .await;
     let (receiver, raddr) = Receiver::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (cfg, _) = traced_config(&sim, dir.path(), &format!("http://{raddr}"));
@@ -183,6 +199,31 @@ async fn spans_reach_an_otlp_receiver_as_one_tree_per_request() {
     assert_eq!(r.status(), StatusCode::OK);
     let r = start_with(&client, &addr, &[("x-request-id", "traced-2")]).await;
     assert_eq!(r.status(), StatusCode::OK);
+
+    // A meeting started through meetgate, then controlled with no credential: meetgate
+    // obtains the control token with the host password it kept.
+    let body = format!(r#"{{"conferenceID":"517300042","password":"{HOST_PASSWORD}"}}"#);
+    let req = Request::post(format!("http://{addr}{START}"))
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    assert_eq!(
+        client.request(req).await.expect("answer").status(),
+        StatusCode::OK
+    );
+    let req = Request::put(format!(
+        "http://{addr}/v1/mmc/control/conferences/lock?conferenceID=517300042"
+    ))
+    .body(Full::new(Bytes::from_static(br#"{"isLock":1}"#)))
+    .expect("request");
+    assert_eq!(
+        client.request(req).await.expect("answer").status(),
+        StatusCode::OK
+    );
+    let control_tokens: Vec<String> = received(&sim, "/v1/mmc/control/conferences/lock")
+        .iter()
+        .filter_map(|r| r.header("x-conference-authorization").map(str::to_owned))
+        .collect();
+    assert_eq!(control_tokens.len(), 1, "meetgate injected a control token");
 
     // The access lines carry the trace ids.
     let first = gateway.next("\"traced-1\"");
@@ -308,8 +349,16 @@ async fn spans_reach_an_otlp_receiver_as_one_tree_per_request() {
     assert_eq!(attr(resource, "deployment.environment"), Some("test"));
 
     // No secret anywhere in what was exported.
+    // Wait for the control calls' spans too, then look at everything.
+    eventually(Duration::from_secs(20), "the lock's span exported", || {
+        std::future::ready(receiver.spans().iter().any(|(_, s)| {
+            attr(&s.attributes, "meetgate.operation").is_some_and(|o| o.contains("lock"))
+        }))
+    })
+    .await;
     let dump = receiver.debug_dump();
-    let mut secrets = vec![APP_KEY.to_owned()];
+    let mut secrets = vec![APP_KEY.to_owned(), HOST_PASSWORD.to_owned()];
+    secrets.extend(control_tokens);
     secrets.extend(sim.issued_tokens());
     for s in &secrets {
         assert!(!dump.contains(s.as_str()), "a secret reached the collector");
