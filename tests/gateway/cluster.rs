@@ -35,7 +35,8 @@ async fn fleet(sim: &SimHandle, redis: &RedisServer, quota: &str) -> Vec<Arc<Tes
     out
 }
 
-fn small_limits() -> SimLimits {
+/// The upstream limits of the shared-quota tests (also the network-fault tests').
+pub(crate) fn small_limits() -> SimLimits {
     SimLimits {
         per_api: Some(SimLimit::new(20, Duration::from_secs(2))),
         all_env: Some(SimLimit::new(50, Duration::from_secs(1))),

@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use meetgate::simulator::{self, SimConfig, SimHandle, SimLimit, SimLimits, WindowKind};
+use meetgate::simulator::{self, SimConfig, SimHandle, SimLimits};
 
+use crate::cluster::small_limits;
 use crate::support::*;
 
 /// The relay's port inside the namespace (the namespace is ours alone).
@@ -243,14 +244,6 @@ async fn sim_behind(host: &RemoteHost, dir: &std::path::Path, limits: SimLimits)
     .await
 }
 
-fn limits() -> SimLimits {
-    SimLimits {
-        per_api: Some(SimLimit::new(20, Duration::from_secs(2))),
-        all_env: Some(SimLimit::new(50, Duration::from_secs(1))),
-        window: WindowKind::Sliding,
-    }
-}
-
 /// The simulator's limits, with a margin that covers the link's jitter: the upstream counts
 /// arrivals, meetgate counts departures, and two departures a window apart can arrive closer by
 /// up to the jitter's spread.
@@ -408,7 +401,7 @@ async fn latency_and_jitter_on_the_upstream_link() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim = sim_behind(&host, dir.path(), limits()).await;
+    let sim = sim_behind(&host, dir.path(), small_limits()).await;
     let relay = host.relay(sim.addr(), 200, 50);
     let gw = Arc::new(gateway_through(&sim, relay, QUOTA).await);
 
@@ -429,7 +422,7 @@ async fn five_percent_loss_on_the_upstream_link() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim = sim_behind(&host, dir.path(), limits()).await;
+    let sim = sim_behind(&host, dir.path(), small_limits()).await;
     let relay = host.relay(sim.addr(), 0, 0);
     let gw = Arc::new(gateway_through(&sim, relay, LOSSY_QUOTA).await);
     assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
@@ -466,7 +459,7 @@ async fn ten_second_partition_of_the_upstream_link() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim = sim_behind(&host, dir.path(), limits()).await;
+    let sim = sim_behind(&host, dir.path(), small_limits()).await;
     let relay = host.relay(sim.addr(), 0, 0);
     let gw = Arc::new(gateway_through(&sim, relay, QUOTA).await);
     assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
@@ -546,7 +539,7 @@ async fn partitioned_redis_link_falls_back_without_a_burst_on_return() {
     );
     let sim = start_sim(SimConfig {
         apps: vec![sim_app()],
-        limits: limits(),
+        limits: small_limits(),
         ..SimConfig::default()
     })
     .await;
