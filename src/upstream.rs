@@ -1,7 +1,7 @@
 //! The upstream HTTPS client: rustls with verified certificates, a direct HTTP/2 lane when ALPN
-//! agrees on h2 (`lane`), hyper-util's pooled client otherwise, a direct HTTP/1.1 connection for
-//! a worker's single client connection (`single`), a timeout per phase, and errors that name
-//! the phase.
+//! agrees on h2 (`lane`), a worker's own HTTP/1.1 connections otherwise and for a worker's
+//! single client connection (`direct`), hyper-util's pooled client for streamed bodies, a
+//! timeout per phase, and errors that name the phase.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,8 +26,8 @@ use crate::body::ProxyBody;
 use crate::error::{GatewayError, Phase};
 use crate::secret::print;
 
+mod direct;
 mod lane;
-mod single;
 
 /// `[upstream]`: where requests go and how long each phase may take.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -65,7 +65,7 @@ pub struct UpstreamConfig {
 
 pub use lane::H2Body;
 
-/// An upstream response body: from hyper-util's pooled client or the direct HTTP/1.1
+/// An upstream response body: from hyper-util's pooled client or the worker's HTTP/1.1
 /// connection (left) or from the direct HTTP/2 lane (right).
 pub type UpstreamBody = http_body_util::Either<hyper::body::Incoming, H2Body>;
 use lane::{Lane, Sent};
@@ -145,10 +145,10 @@ pub struct Upstream {
     client: Client<UpstreamConnector, ProxyBody>,
     /// The direct HTTP/2 lane, when `upstream.http2` offers HTTP/2.
     lane: Option<Arc<Lane>>,
-    /// HTTP/1.1 only (its connector offers nothing else in ALPN), for a single client
-    /// connection (`upstream.http1_for_single_client`): see [`Upstream::send_buffered`]. The
-    /// direct connection first; the pool when that is busy.
-    single: Option<(Arc<single::Single>, Client<UpstreamConnector, ProxyBody>)>,
+    /// The worker's HTTP/1.1 connections (its connector offers nothing else in ALPN), for
+    /// buffered requests when the upstream speaks HTTP/1.1 only, and for a single client
+    /// connection (`upstream.http1_for_single_client`): see [`Upstream::send_buffered`].
+    direct: Arc<direct::Direct>,
     /// Client connections served with this pool (a worker's), counted by [`ClientConnection`].
     clients: Arc<AtomicUsize>,
     endpoint: Endpoint,
@@ -158,8 +158,10 @@ pub struct Upstream {
 #[derive(Clone)]
 struct Endpoint {
     connector: UpstreamConnector,
-    /// Offers only HTTP/1.1 in ALPN: for `Upstream::single`, when configured.
-    connector_h1: Option<UpstreamConnector>,
+    /// Offers only HTTP/1.1 in ALPN: for `Upstream::direct`.
+    connector_h1: UpstreamConnector,
+    /// `upstream.http1_for_single_client` (with `upstream.http2`).
+    http1_for_single_client: bool,
     pool: PoolSettings,
     scheme: Scheme,
     authority: Option<Authority>,
@@ -174,10 +176,12 @@ impl Endpoint {
         Upstream {
             client: pool.client(self.connector.clone()),
             lane: pool.lane(&self.connector, &target),
-            single: self.connector_h1.clone().map(|c| {
-                let direct = single::Single::new(c.clone(), target, pool.idle_timeout);
-                (Arc::new(direct), pool.client(c))
-            }),
+            direct: Arc::new(direct::Direct::new(
+                self.connector_h1.clone(),
+                target,
+                pool.idle_timeout,
+                pool.max_idle_per_host,
+            )),
             clients: Arc::default(),
             endpoint: self,
         }
@@ -288,13 +292,13 @@ impl Upstream {
             connect_timeout: cfg.connect_timeout,
             tls_timeout: cfg.tls_timeout,
         };
-        let connector_h1 = if cfg.http2 && cfg.http1_for_single_client {
-            Some(UpstreamConnector {
+        let connector_h1 = if cfg.http2 {
+            UpstreamConnector {
                 tls: TlsConnector::from(Arc::new(tls_config_with(&cfg.extra_roots, false)?)),
                 ..connector.clone()
-            })
+            }
         } else {
-            None
+            connector.clone()
         };
         let pool = PoolSettings {
             idle_timeout: cfg.pool_idle_timeout,
@@ -304,6 +308,7 @@ impl Upstream {
         let endpoint = Endpoint {
             connector,
             connector_h1,
+            http1_for_single_client: cfg.http2 && cfg.http1_for_single_client,
             pool,
             scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTPS),
             authority: cfg.url.authority().cloned(),
@@ -381,16 +386,13 @@ impl Upstream {
         one_at_a_time: bool,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let deadline = tokio::time::Instant::now() + self.endpoint.request_timeout;
-        let single = match &self.single {
-            Some(single) if one_at_a_time && self.clients.load(Ordering::Relaxed) == 1 => {
-                Some(single)
-            }
-            _ => None,
-        };
+        let single = self.endpoint.http1_for_single_client
+            && one_at_a_time
+            && self.clients.load(Ordering::Relaxed) == 1;
         // Whether the request was meant for the lane: its length is announced as the lane
         // announces it, whichever protocol carries it.
         let (body, lane_rules) = match &self.lane {
-            Some(lane) if single.is_none() => {
+            Some(lane) if !single => {
                 match lane
                     .send(
                         method,
@@ -406,7 +408,7 @@ impl Upstream {
                     Sent::Http1(body) => (body, true),
                 }
             }
-            _ => (body, single.is_some()),
+            _ => (body, single),
         };
         let copy = headers.clone();
         let mut sent = std::mem::replace(headers, copy);
@@ -417,23 +419,14 @@ impl Upstream {
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri.clone();
         *req.headers_mut() = sent;
-        let client = match single {
-            Some((direct, pooled)) => {
-                match direct
-                    .send(req, deadline, self.endpoint.request_timeout)
-                    .await?
-                {
-                    single::Sent::Answered(resp) => return Ok(resp.map(UpstreamBody::Left)),
-                    single::Sent::Busy(unsent) => req = unsent,
-                }
-                pooled
-            }
-            None => &self.client,
-        };
-        self.send_pooled(client, req, deadline).await
+        let resp = self
+            .direct
+            .send(req, deadline, self.endpoint.request_timeout)
+            .await?;
+        Ok(resp.map(UpstreamBody::Left))
     }
 
-    /// Through one of hyper-util's pooled clients (HTTP/1.1, or streamed bodies).
+    /// Through hyper-util's pooled client (streamed bodies).
     async fn send_pooled(
         &self,
         client: &Client<UpstreamConnector, ProxyBody>,

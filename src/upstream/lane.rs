@@ -6,8 +6,8 @@
 //! and two more task wake-ups per request. Our bodies are buffered anyway (for replays), so
 //! the h2 crate can take the headers and the data at once and the connection task writes
 //! them, and those of every other request ready at that moment, in one go. Streamed (large)
-//! bodies and upstreams that answer ALPN with `http/1.1` stay with hyper-util's pooled client, and
-//! a worker's single client connection has an HTTP/1.1 connection of its own (`single`).
+//! bodies stay with hyper-util's pooled client; upstreams that answer ALPN with `http/1.1`, and a
+//! worker's single client connection, go over the worker's own HTTP/1.1 connections (`direct`).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,14 +42,14 @@ enum State {
         /// Set by each request; cleared by the idle check (see [`drive`]).
         used: bool,
     },
-    /// The upstream chose HTTP/1.1 in ALPN: the pooled client serves it from now on.
+    /// The upstream chose HTTP/1.1 in ALPN: the worker's HTTP/1.1 connections serve it from now on.
     Http1,
 }
 
 /// Where [`Lane::send`] sent the request.
 pub(crate) enum Sent {
     H2(Response<H2Body>),
-    /// The upstream speaks HTTP/1.1 only: the body comes back unsent for the pooled client.
+    /// The upstream speaks HTTP/1.1 only: the body comes back unsent, for HTTP/1.1.
     Http1(Option<Bytes>),
 }
 
@@ -147,7 +147,7 @@ impl Lane {
             .await
             .map_err(|e| connect_error(&e))?;
         if io.get_ref().1.alpn_protocol() != Some(b"h2") {
-            tracing::debug!("Upstream chose HTTP/1.1 in ALPN; using the pooled HTTP/1.1 client");
+            tracing::debug!("Upstream chose HTTP/1.1 in ALPN; using HTTP/1.1 connections");
             *self.state() = State::Http1;
             return Ok(None);
         }

@@ -1,6 +1,7 @@
 //! Upstream connections: one multiplexed HTTP/2 connection per worker, HTTP/1.1 for a worker's
-//! single client connection and when the upstream only speaks that, a refused stream sent
-//! again, reconnection after the upstream restarts, and idle connections closed.
+//! single client connection and when the upstream only speaks that (the worker's own
+//! connections, reused), a refused stream sent again, reconnection after the upstream restarts,
+//! and idle connections closed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -224,6 +225,67 @@ async fn an_upstream_that_speaks_only_http1_is_served_over_http1() {
     assert_eq!(seen.len(), 3);
     assert!(seen.iter().all(|(_, v)| *v == Version::HTTP_11), "{seen:?}");
     gw.stop().await;
+}
+
+#[tokio::test]
+async fn over_http1_a_worker_reuses_its_connections_and_closes_idle_ones() {
+    let sim = http1_only_sim().await;
+    let gw = Arc::new(
+        spawn_gateway(
+            &sim,
+            GatewayOptions {
+                top: "workers = 1".into(),
+                upstream: "pool_idle_timeout = \"1s\"".into(),
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    // Client connections sending at once, each several requests one after another.
+    const CLIENTS: usize = 8;
+    const EACH: usize = 6;
+    concurrently(CLIENTS, |i| {
+        let gw = gw.clone();
+        async move {
+            let mut conn = client_connection(&gw).await;
+            for j in 0..EACH {
+                conn.ready().await.expect("connection ready");
+                let req = http::Request::post(START)
+                    .header("x-request-id", format!("pool-{i}-{j}"))
+                    .header("content-type", "application/json")
+                    .header("host", gw.addr.to_string())
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(BODY)))
+                    .expect("request");
+                let resp = conn.send_request(req).await.expect("answer");
+                assert_eq!(resp.status(), StatusCode::OK);
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .expect("body");
+            }
+        }
+    })
+    .await;
+    let seen: Vec<_> = received(&sim, START)
+        .into_iter()
+        .filter(|r| header(r, "x-request-id").is_some_and(|id| id.starts_with("pool-")))
+        .collect();
+    assert_eq!(seen.len(), CLIENTS * EACH, "each request once upstream");
+    assert!(seen.iter().all(|r| r.version == Version::HTTP_11));
+    // A request opens a connection only when every one the worker has is busy: never more
+    // than the requests in flight at once, though each was answered on a kept-alive one.
+    let peers: HashSet<_> = seen.iter().map(|r| r.peer).collect();
+    assert!(
+        peers.len() <= CLIENTS,
+        "{} upstream connections for {CLIENTS} clients",
+        peers.len()
+    );
+    eventually(
+        Duration::from_secs(10),
+        "idle HTTP/1.1 connections closed",
+        || async { sim.open_connections() == 0 },
+    )
+    .await;
+    assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
 }
 
 #[tokio::test]
