@@ -148,8 +148,7 @@ impl Style {
         self.key(out, key);
         match self {
             Style::Text => debug_str(out, value),
-            // Serializing a str into a Vec cannot fail.
-            Style::Json => drop(serde_json::to_writer(&mut *out, value)),
+            Style::Json => json_str(out, value),
         }
     }
 
@@ -277,16 +276,35 @@ fn push_ms(out: &mut Vec<u8>, d: Duration) {
 }
 
 /// `"value"`, escaped as Rust's Debug for strings (what tracing writes for `&str` fields).
-fn debug_str(out: &mut Vec<u8>, value: &str) {
+/// Printable ASCII without `"` or `\\`: written between quotes as it is, both by Debug and in
+/// JSON (the common case: paths, ids, names).
+fn plain(value: &str) -> bool {
     // A fold, not `all`: without the early exit the compiler vectorises the check.
-    if value.bytes().fold(true, |plain, b| {
+    value.bytes().fold(true, |plain, b| {
         plain & (b' '..=b'~').contains(&b) & (b != b'"') & (b != b'\\')
-    }) {
-        out.push(b'"');
-        out.extend_from_slice(value.as_bytes());
-        out.push(b'"');
+    })
+}
+
+fn quoted(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    out.extend_from_slice(value.as_bytes());
+    out.push(b'"');
+}
+
+fn debug_str(out: &mut Vec<u8>, value: &str) {
+    if plain(value) {
+        quoted(out, value);
     } else {
         push_fmt(out, format_args!("{value:?}"));
+    }
+}
+
+fn json_str(out: &mut Vec<u8>, value: &str) {
+    if plain(value) {
+        quoted(out, value);
+    } else {
+        // Serializing a str into a Vec cannot fail.
+        drop(serde_json::to_writer(&mut *out, value));
     }
 }
 
@@ -376,6 +394,22 @@ mod tests {
         assert_eq!(v["conference"], "914087436");
         assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(v.as_object().unwrap().len(), 29);
+    }
+
+    proptest::proptest! {
+        /// The fast path for plain strings writes what serde_json writes, for any string and
+        /// for printable ASCII (where it is taken unless `"` or `\\` occur).
+        #[test]
+        fn json_strings_are_written_as_serde_json_writes_them(
+            any in ".{0,40}",
+            ascii in "[ -~]{0,40}",
+        ) {
+            for value in [any, ascii] {
+                let mut out = Vec::new();
+                json_str(&mut out, &value);
+                proptest::prop_assert_eq!(out, serde_json::to_vec(&value).unwrap());
+            }
+        }
     }
 
     #[test]
