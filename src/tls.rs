@@ -41,7 +41,7 @@ pub struct Tls {
 }
 
 impl Tls {
-    /// rustls (ring) with ALPN h2 and http/1.1.
+    /// rustls (ring) with ALPN h2 and http/1.1, and session tickets.
     pub fn new(cfg: &TlsConfig) -> Result<Tls, rustls::Error> {
         let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -50,6 +50,10 @@ impl Tls {
         .with_no_client_auth()
         .with_single_cert(cfg.certs.clone(), cfg.key.clone_key())?;
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Stateless resumption: a returning client's session comes back in its ticket
+        // (encrypted with a key rotated every 6 hours), so a central gateway's clients resume
+        // however many there are, where rustls' default stateful cache keeps only 256.
+        server.ticketer = rustls::crypto::ring::Ticketer::new()?;
         Ok(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             handshake_timeout: cfg.handshake_timeout,

@@ -552,3 +552,84 @@ async fn the_official_python_sdk_works_unmodified_through_the_tls_listener() {
     }
     gw.stop().await;
 }
+
+/// One TLS connection to the gateway's listener with `config` and one request on it (which
+/// also reads the session tickets the server sends after the handshake); whether the handshake
+/// resumed a session.
+async fn tls_exchange(
+    addr: std::net::SocketAddr,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+) -> bool {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("/no/such/operation")
+        .header("host", addr.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body");
+    resumed
+}
+
+#[tokio::test]
+async fn the_tls_listener_resumes_the_sessions_of_many_clients() {
+    use rustls_pki_types::pem::PemObject;
+    let sim = default_sim().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert =
+        meetgate::simulator::tls::generate_default_cert(&["127.0.0.1".to_owned()]).expect("cert");
+    let (cert_file, key_file) = (dir.path().join("gw.pem"), dir.path().join("gw.key"));
+    std::fs::write(&cert_file, &cert.cert_pem).expect("write");
+    std::fs::write(&key_file, &cert.key_pem).expect("write");
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            extra: format!(
+                "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+                cert_file.display().to_string(),
+                key_file.display().to_string()
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let roots = rustls_pki_types::CertificateDer::pem_slice_iter(cert.ca_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("CA PEM");
+    // More clients than a server-side session cache of rustls' default size (256 sessions,
+    // two per TLS 1.3 client) remembers: each client, with a session store of its own,
+    // connects once in turn, then each comes back. Every one resumes: the session travels in
+    // its ticket, not in the gateway's memory.
+    const CLIENTS: usize = 300;
+    let configs: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = meetgate::upstream::tls_config(&roots).expect("tls config");
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            c.resumption = rustls::client::Resumption::in_memory_sessions(4);
+            std::sync::Arc::new(c)
+        })
+        .collect();
+    for c in &configs {
+        assert!(
+            !tls_exchange(gw.addr, c).await,
+            "a first connection is a full handshake"
+        );
+    }
+    let mut resumed = 0;
+    for c in &configs {
+        resumed += usize::from(tls_exchange(gw.addr, c).await);
+    }
+    assert_eq!(resumed, CLIENTS, "clients whose second connection resumed");
+}
