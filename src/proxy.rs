@@ -625,24 +625,29 @@ impl Gateway {
         loop {
             plan.attempts += 1;
             // The token first: a slot must be spent on a request that goes at once.
-            self.await_token(&plan, ctx)
-                .instrument(tracing::info_span!(target: trace::TARGET, "token wait"))
-                .await?;
+            let phase = trace::phase(
+                &ctx.span,
+                || tracing::info_span!(target: trace::TARGET, "token wait"),
+            );
+            self.await_token(&plan, ctx).instrument(phase).await?;
             // And the connection: the upstream counts the request when it arrives.
             upstream.ready().await?;
-            let admission = self
-                .admit(&plan, ctx)
-                .instrument(tracing::info_span!(target: trace::TARGET, "quota wait"))
-                .await?;
-            let generation = self.inject_token(&mut plan, ctx).await?;
-            let span = tracing::info_span!(
-                target: trace::TARGET,
-                "upstream",
-                otel.kind = "client",
-                meetgate.attempt = plan.attempts,
-                http.response.status_code = tracing::field::Empty,
-                upstream.request_id = tracing::field::Empty,
+            let phase = trace::phase(
+                &ctx.span,
+                || tracing::info_span!(target: trace::TARGET, "quota wait"),
             );
+            let admission = self.admit(&plan, ctx).instrument(phase).await?;
+            let generation = self.inject_token(&mut plan, ctx).await?;
+            let span = trace::phase(&ctx.span, || {
+                tracing::info_span!(
+                    target: trace::TARGET,
+                    "upstream",
+                    otel.kind = "client",
+                    meetgate.attempt = plan.attempts,
+                    http.response.status_code = tracing::field::Empty,
+                    upstream.request_id = tracing::field::Empty,
+                )
+            });
             trace::inject(&span, &mut plan.out.headers);
             let resp = self
                 .forward(&mut plan.out, upstream, ctx, limits)

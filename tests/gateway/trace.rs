@@ -426,3 +426,105 @@ async fn a_dead_collector_costs_requests_nothing_and_is_logged_once() {
         .collect();
     assert_eq!(said.len(), 1, "logged once, not per batch: {said:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_sampled_at_the_head_by_the_clients_flag_or_the_ratio() {
+    let sim = start_sim(meetgate::simulator::SimConfig {
+        apps: vec![sim_app()],
+        limits: meetgate::simulator::SimLimits::unlimited(),
+        ..Default::default()
+    })
+    .await;
+    let (receiver, raddr) = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cfg, _) = traced_config(&sim, dir.path(), &format!("http://{raddr}"));
+    // No new trace is kept; a client's sampled flag still is followed.
+    let mut text = std::fs::read_to_string(&cfg).expect("config");
+    text.push_str("sample_ratio = 0.0\n");
+    std::fs::write(&cfg, text).expect("config");
+    let mut gateway = RunningBinary::run(&cfg, &[(KEY_ENV, APP_KEY)]);
+    let addr = gateway.listening();
+    let client = http_client();
+
+    const UNSAMPLED: &str = "0af7651916cd43dd8448eb211c80319c";
+    const SAMPLED: &str = "a3ce929d0e0e47364bf92f3577b34da6";
+    let unsampled = format!("00-{UNSAMPLED}-{CLIENT_SPAN}-00");
+    let sampled = format!("00-{SAMPLED}-{CLIENT_SPAN}-01");
+    for (id, headers) in [
+        ("root", vec![]),
+        (
+            "unsampled",
+            vec![
+                ("traceparent", unsampled.as_str()),
+                ("tracestate", "vendor=2"),
+            ],
+        ),
+        ("sampled", vec![("traceparent", sampled.as_str())]),
+    ] {
+        let mut headers = headers;
+        headers.push(("x-request-id", id));
+        assert_eq!(
+            start_with(&client, &addr, &headers).await.status(),
+            StatusCode::OK
+        );
+    }
+
+    // The sampled client's request is exported as a tree (request, phases, upstream); the
+    // batch that brings it brings whatever ended before it too.
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut spans = Vec::new();
+    eventually(
+        Duration::from_secs(20),
+        "the sampled trace exported",
+        || {
+            spans = receiver.spans();
+            let names: Vec<&str> = spans
+                .iter()
+                .filter(|(_, s)| hex(&s.trace_id) == SAMPLED)
+                .map(|(_, s)| s.name.as_str())
+                .collect();
+            let done = ["request", "token wait", "quota wait", "upstream"]
+                .iter()
+                .all(|n| names.contains(n));
+            async move { done }
+        },
+    )
+    .await;
+    // Nothing else: no span of the unsampled requests, none of their phases as roots of
+    // traces of their own, and no sign-in at ratio 0.
+    assert!(
+        spans.iter().all(|(_, s)| hex(&s.trace_id) == SAMPLED),
+        "{}",
+        receiver.debug_dump()
+    );
+
+    // Upstream: the unsampled client's trace context as it sent it; none for the root that was
+    // not sampled; a span of ours as the parent in the sampled client's trace.
+    let upstream = received(&sim, START);
+    let sent = |id: &str| {
+        upstream
+            .iter()
+            .find(|r| r.header("x-request-id") == Some(id))
+            .unwrap_or_else(|| panic!("{id} upstream"))
+            .clone()
+    };
+    assert_eq!(
+        sent("unsampled").header("traceparent"),
+        Some(unsampled.as_str())
+    );
+    assert_eq!(sent("unsampled").header("tracestate"), Some("vendor=2"));
+    assert_eq!(sent("root").header("traceparent"), None);
+    let parent = sent("sampled")
+        .header("traceparent")
+        .expect("traceparent")
+        .to_owned();
+    assert!(
+        parent.starts_with(&format!("00-{SAMPLED}-")) && !parent.contains(CLIENT_SPAN),
+        "{parent}"
+    );
+
+    // The access lines: the client's trace id whether sampled or not.
+    assert_eq!(gateway.next("\"root\"")["trace_id"], "-");
+    assert_eq!(gateway.next("\"unsampled\"")["trace_id"], UNSAMPLED);
+    assert_eq!(gateway.next("\"sampled\"")["trace_id"], SAMPLED);
+}
