@@ -11,6 +11,13 @@
 //! of Cargo's for the layer variants, e.g. `target/pgo/meetgate`), `LOAD_PERF_OUT=FILE`
 //! (`perf record` meetgate, or the variant named by `LOAD_PERF_TARGET`, in one extra,
 //! unreported run at 16 connections, or the first connection count given, after the rounds).
+//!
+//! The target set: `LOAD_UPSTREAM=http1` (the simulator offers only HTTP/1.1 in ALPN),
+//! `LOAD_LOG=json` (meetgate's and nginx's access logs as JSON), `LOAD_INBOUND=tls|h2c|h2`
+//! (clients over TLS 1.3 with resumed sessions, HTTP/2 with prior knowledge, or HTTP/2 over
+//! TLS; rows named `meetgate-tls`, `nginx-h2c`, ...), `LOAD_H2_CONNECTIONS` (the connections
+//! an HTTP/2 run's streams share, default 1; `LOAD_CONNS` counts streams then),
+//! `LOAD_NEW_CONN=1` (each request on a new connection: the handshake rate).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -130,6 +137,131 @@ fn meetgate_targets() -> Vec<&'static str> {
 
 const NGINX: &str = "nginx";
 const DIRECT: &str = "direct";
+
+// ---------------------------------------------------------------------------------------------
+// The target set: how clients reach the proxies and what the upstream speaks.
+
+/// `LOAD_INBOUND`: how the load generator (and the readiness check) reach every proxy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Inbound {
+    /// Plain HTTP/1.1 (the default).
+    Plain,
+    /// HTTP/1.1 over TLS 1.3 (`[tls]`; nginx `listen ssl`), sessions resumed.
+    Tls,
+    /// HTTP/2 with prior knowledge over plain TCP (nginx `listen ... http2`).
+    H2c,
+    /// HTTP/2 over TLS 1.3 (ALPN h2).
+    H2Tls,
+}
+
+/// The run's target set, from the environment once (see the module doc).
+struct TargetSet {
+    inbound: Inbound,
+    /// `LOAD_UPSTREAM=http1`: the simulator offers only HTTP/1.1 in ALPN (as the cloud's own
+    /// exchange shows), so every proxy forwards over HTTP/1.1 keep-alive.
+    upstream_http1: bool,
+    /// `LOAD_LOG=json`: meetgate's access log as JSON lines, and nginx's too (`escape=json`).
+    json_log: bool,
+    /// `LOAD_NEW_CONN=1`: every request on a new connection (over TLS, a resumed handshake).
+    new_conn: bool,
+    /// `LOAD_H2_CONNECTIONS` (1): the connections an HTTP/2 run's streams share.
+    h2_connections: usize,
+    /// The proxies' listener certificate and the client config trusting it, when inbound TLS.
+    inbound_tls: std::sync::OnceLock<TlsConnector>,
+    /// The listener's certificate chain and key files, when inbound TLS.
+    listener_cert: std::sync::OnceLock<(PathBuf, PathBuf)>,
+}
+
+static TARGET_SET: std::sync::OnceLock<TargetSet> = std::sync::OnceLock::new();
+
+fn target_set() -> &'static TargetSet {
+    TARGET_SET.get_or_init(|| {
+        let var = |name: &str| std::env::var(name).unwrap_or_default();
+        TargetSet {
+            inbound: match var("LOAD_INBOUND").as_str() {
+                "tls" => Inbound::Tls,
+                "h2c" => Inbound::H2c,
+                "h2" => Inbound::H2Tls,
+                _ => Inbound::Plain,
+            },
+            upstream_http1: var("LOAD_UPSTREAM") == "http1",
+            json_log: var("LOAD_LOG") == "json",
+            new_conn: var("LOAD_NEW_CONN") == "1",
+            h2_connections: env_or("LOAD_H2_CONNECTIONS", 1_usize).max(1),
+            inbound_tls: std::sync::OnceLock::new(),
+            listener_cert: std::sync::OnceLock::new(),
+        }
+    })
+}
+
+impl TargetSet {
+    fn tls(&self) -> bool {
+        matches!(self.inbound, Inbound::Tls | Inbound::H2Tls)
+    }
+
+    /// What every row's name carries for this set (`meetgate-tls`, `nginx-h2c`, ...).
+    fn suffix(&self) -> &'static str {
+        match self.inbound {
+            Inbound::Plain => "",
+            Inbound::Tls => "-tls",
+            Inbound::H2c => "-h2c",
+            Inbound::H2Tls => "-h2-tls",
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "inbound {:?}{}{}, upstream {}, {} access logs",
+            self.inbound,
+            if self.new_conn {
+                ", a new connection per request"
+            } else {
+                ""
+            },
+            if matches!(self.inbound, Inbound::H2c | Inbound::H2Tls) {
+                format!(", streams over {} connection(s)", self.h2_connections)
+            } else {
+                String::new()
+            },
+            if self.upstream_http1 {
+                "HTTP/1.1 only"
+            } else {
+                "offering HTTP/2"
+            },
+            if self.json_log { "JSON" } else { "text" },
+        )
+    }
+}
+
+/// A target's name as its rows show it.
+fn label(name: &str) -> String {
+    format!("{name}{}", target_set().suffix())
+}
+
+/// The listener certificate meetgate and nginx both serve over TLS (written to `dir`), and
+/// the client configuration trusting it, with TLS 1.3 session resumption (rustls' default
+/// in-memory cache, shared by every connection the generator opens).
+fn inbound_tls(dir: &Path) -> Result<(), String> {
+    let cert = simulator::tls::generate_default_cert(&["localhost".into(), "127.0.0.1".into()])
+        .map_err(|e| format!("listener certificate: {e}"))?;
+    let (cert_file, key_file) = (dir.join("listener.pem"), dir.join("listener.key"));
+    std::fs::write(&cert_file, &cert.cert_pem).map_err(|e| format!("write cert: {e}"))?;
+    std::fs::write(&key_file, &cert.key_pem).map_err(|e| format!("write key: {e}"))?;
+    let roots = CertificateDer::pem_slice_iter(cert.ca_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("CA PEM: {e}"))?;
+    let mut tls = meetgate::upstream::tls_config(&roots).map_err(|e| format!("TLS config: {e}"))?;
+    tls.alpn_protocols = if target_set().inbound == Inbound::H2Tls {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let _ = target_set()
+        .inbound_tls
+        .set(TlsConnector::from(Arc::new(tls)));
+    let _ = target_set().listener_cert.set((cert_file, key_file));
+    Ok(())
+}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -466,10 +598,18 @@ fn meetgate_config(
     let port = free_port()?;
     let admin = free_port()?;
     // A variant may bring its own `[log]` (e.g. `level = "warn"`: no access log) and `[quota]`.
-    let log = if extra.contains("[log]") {
-        ""
-    } else {
-        "[log]\nformat = \"text\"\nlevel = \"info\"\n"
+    let log = match (extra.contains("[log]"), target_set().json_log) {
+        (true, _) => "",
+        (false, false) => "[log]\nformat = \"text\"\nlevel = \"info\"\n",
+        (false, true) => "[log]\nformat = \"json\"\nlevel = \"info\"\n",
+    };
+    let tls = match target_set().listener_cert.get() {
+        Some((cert, key)) => format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+        None => String::new(),
     };
     let quota = if extra.contains("[quota]") {
         ""
@@ -495,7 +635,7 @@ fn meetgate_config(
          shutdown_grace = \"2s\"\n{top_extra}\n\
          [upstream]\nurl = \"{}\"\nca_file = {:?}\n{upstream_extra}\n\
          [[apps]]\nname = \"default\"\napp_id = \"{APP_ID}\"\napp_key_env = \"{KEY_ENV}\"\n\n\
-         {log}\n{quota}\n{extra}",
+         {log}\n{quota}\n{tls}\n{extra}",
         sim.url(),
         ca_file.display().to_string(),
     );
@@ -540,7 +680,7 @@ async fn spawn_proxy(
         child,
         graceful,
     };
-    let startup = wait_ready(name, &plain(addr), spawned, &guard).await?;
+    let startup = wait_ready(name, &proxy_target(addr), spawned, &guard).await?;
     let pid = guard.child.id();
     let ready_ms = startup.as_secs_f64() * 1e3;
     match children_of(pid).len() {
@@ -590,11 +730,20 @@ async fn start_meetgate(
         .env(KEY_ENV, APP_KEY)
         .stdout(append_file(&log)?)
         .stderr(append_file(&dir.join(format!("{name}.stderr")))?);
-    let format = LogFormat {
-        path: log,
-        marker: "meetgate::access",
-        ok: " status=200 ",
-        time_fields: (" total_ms=", " upstream_ms=", 1.0),
+    let format = if target_set().json_log {
+        LogFormat {
+            path: log,
+            marker: "meetgate::access",
+            ok: "\"status\":200,",
+            time_fields: ("\"total_ms\":", "\"upstream_ms\":", 1.0),
+        }
+    } else {
+        LogFormat {
+            path: log,
+            marker: "meetgate::access",
+            ok: " status=200 ",
+            time_fields: (" total_ms=", " upstream_ms=", 1.0),
+        }
     };
     // Stopped with SIGTERM first: an instrumented build writes its profile as it exits.
     spawn_proxy(name, cmd, addr, true, format).await
@@ -622,6 +771,25 @@ fn nginx_config(
     workers: usize,
 ) -> String {
     let d = dir.display();
+    let set = target_set();
+    let listen = match set.inbound {
+        Inbound::Plain => "",
+        Inbound::Tls => " ssl",
+        Inbound::H2c => " http2",
+        Inbound::H2Tls => " ssl http2",
+    };
+    // The same certificate as meetgate's; TLS 1.3 only, sessions resumed with tickets (the
+    // key shared by the workers) as meetgate resumes them.
+    let tls = match set.listener_cert.get() {
+        Some((cert, key)) => format!(
+            "        ssl_certificate {};\n        ssl_certificate_key {};\n        \
+             ssl_protocols TLSv1.3;\n        ssl_session_cache shared:SSL:10m;\n        \
+             ssl_session_tickets on;\n",
+            cert.display(),
+            key.display()
+        ),
+        None => String::new(),
+    };
     // The simulator's leaf names `localhost` and `127.0.0.1`; nginx checks the name with
     // X509_check_host, which does not match IP SANs, so verify against `localhost`.
     format!(
@@ -646,7 +814,12 @@ http {{
     log_format bench '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
                      'rt=$request_time urt=$upstream_response_time '
                      'upstream_request_id=$upstream_http_x_request_id';
-    access_log {d}/nginx-access.log bench;
+    log_format benchjson escape=json '{{"time":"$time_iso8601","client":"$remote_addr",'
+                     '"method":"$request_method","path":"$uri","status":$status,'
+                     '"bytes":$body_bytes_sent,"rt":$request_time,'
+                     '"urt":$upstream_response_time,'
+                     '"upstream_request_id":"$upstream_http_x_request_id"}}';
+    access_log {d}/nginx-access.log {log_format};
 
     # nginx closes a keep-alive connection after 1000 requests by default; meetgate does not,
     # so both sides are lifted to keep connection churn out of the comparison.
@@ -659,7 +832,8 @@ http {{
     }}
 
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{listen};
+{tls}
 
         location / {{
             proxy_pass https://sim;
@@ -675,6 +849,7 @@ http {{
 }}
 "#,
         ca = ca_file.display(),
+        log_format = if set.json_log { "benchjson" } else { "bench" },
     )
 }
 
@@ -706,11 +881,20 @@ async fn start_nginx(
         .arg(&conf)
         .stdout(append_file(&dir.join("nginx.stdout"))?)
         .stderr(append_file(&dir.join("nginx.stderr"))?);
-    let format = LogFormat {
-        path: dir.join("nginx-access.log"),
-        marker: "upstream_request_id=",
-        ok: "\" 200 ",
-        time_fields: (" rt=", " urt=", 1000.0),
+    let format = if target_set().json_log {
+        LogFormat {
+            path: dir.join("nginx-access.log"),
+            marker: "\"upstream_request_id\":",
+            ok: "\"status\":200,",
+            time_fields: ("\"rt\":", "\"urt\":", 1000.0),
+        }
+    } else {
+        LogFormat {
+            path: dir.join("nginx-access.log"),
+            marker: "upstream_request_id=",
+            ok: "\" 200 ",
+            time_fields: (" rt=", " urt=", 1000.0),
+        }
     };
     spawn_proxy(NGINX, cmd, addr, true, format).await
 }
@@ -760,66 +944,114 @@ async fn wait_ready(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Load generator: C HTTP/1.1 keep-alive connections, each sending requests back to back.
+// Load generator: C keep-alive connections (HTTP/1.1), or C streams over a few HTTP/2
+// connections, each sending requests back to back.
 
 #[derive(Clone)]
 struct Target {
     addr: SocketAddr,
-    /// Direct: TLS to the simulator, with the token the proxies would inject.
-    tls: Option<(TlsConnector, String)>,
+    /// TLS to the target: the client configuration (one per target set, so TLS 1.3 sessions
+    /// are resumed across its connections, as a client library's shared config does).
+    tls: Option<TlsConnector>,
+    /// Direct: the token the proxies would inject.
+    token: Option<String>,
+    /// HTTP/2 (prior knowledge over plain TCP, or ALPN h2 over TLS).
+    h2: bool,
 }
 
-fn plain(addr: SocketAddr) -> Target {
-    Target { addr, tls: None }
+/// How the proxies are reached in this run's target set (`LOAD_INBOUND`).
+fn proxy_target(addr: SocketAddr) -> Target {
+    let set = target_set();
+    Target {
+        addr,
+        tls: set.inbound_tls.get().cloned(),
+        token: None,
+        h2: matches!(set.inbound, Inbound::H2c | Inbound::H2Tls),
+    }
 }
 
-type Sender = SendRequest<Full<Bytes>>;
+enum Sender {
+    H1(SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    /// Another stream on the same HTTP/2 connection; `None` for HTTP/1.1.
+    fn stream(&self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+}
+
+async fn handshake<IO>(io: IO, h2: bool) -> Result<Sender, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    if h2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Sender::H1(sender))
+    }
+}
 
 async fn connect(t: &Target) -> Result<Sender, String> {
     let tcp = TcpStream::connect(t.addr)
         .await
         .map_err(|e| format!("connect {}: {e}", t.addr))?;
     tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-    let sender = match &t.tls {
-        None => {
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-            tokio::spawn(conn);
-            sender
-        }
-        Some((tls, _)) => {
+    match &t.tls {
+        None => handshake(tcp, t.h2).await,
+        Some(tls) => {
             let name = ServerName::IpAddress(t.addr.ip().into());
             let stream = tls
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-            tokio::spawn(conn);
-            sender
+            handshake(stream, t.h2).await
         }
-    };
-    Ok(sender)
+    }
 }
 
 /// One exchange, body read to the end; the status.
 async fn send(sender: &mut Sender, t: &Target) -> Result<u16, String> {
-    sender.ready().await.map_err(|e| format!("ready: {e}"))?;
     let mut req = http::Request::post(PATH)
         .header(http::header::HOST, t.addr.to_string())
         .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some((_, token)) = &t.tls {
+    if t.h2 {
+        // HTTP/2 carries the scheme and authority as pseudo-headers: an absolute URI.
+        let scheme = if t.tls.is_some() { "https" } else { "http" };
+        req = http::Request::post(format!("{scheme}://{}{PATH}", t.addr))
+            .header(http::header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(token) = &t.token {
         req = req.header("x-access-token", token.as_str());
     }
     let req = req
         .body(Full::new(Bytes::from_static(BODY)))
         .map_err(|e| format!("request: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("send: {e}"))?;
+    let resp = match sender {
+        Sender::H1(s) => {
+            s.ready().await.map_err(|e| format!("ready: {e}"))?;
+            s.send_request(req).await
+        }
+        Sender::H2(s) => {
+            s.ready().await.map_err(|e| format!("ready: {e}"))?;
+            s.send_request(req).await
+        }
+    }
+    .map_err(|e| format!("send: {e}"))?;
     let status = resp.status().as_u16();
     resp.into_body()
         .collect()
@@ -843,9 +1075,21 @@ async fn drive(mut sender: Sender, target: Target, deadline: Instant) -> ConnRes
         latencies: Vec::with_capacity(65536),
         ..ConnResult::default()
     };
+    let new_conn = target_set().new_conn;
     while Instant::now() < deadline {
         let t0 = Instant::now();
         r.sent += 1;
+        // LOAD_NEW_CONN: each request on a connection of its own (the handshake is timed).
+        if new_conn {
+            match connect(&target).await {
+                Ok(s) => sender = s,
+                Err(e) => {
+                    r.errors += 1;
+                    *r.error_kinds.entry(e).or_default() += 1;
+                    continue;
+                }
+            }
+        }
         match send(&mut sender, &target).await {
             Ok(200) => r
                 .latencies
@@ -904,7 +1148,18 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i])
 }
 
-/// Opens `conns` connections (each warmed by one request), then drives them all for `dur`.
+/// The connections a run of `conns` opens: one each over HTTP/1.1; over HTTP/2 the streams
+/// share `LOAD_H2_CONNECTIONS`, dealt in turn.
+fn connections_opened(target: &Target, conns: usize) -> usize {
+    if target.h2 {
+        conns.min(target_set().h2_connections)
+    } else {
+        conns
+    }
+}
+
+/// Opens the connections (each warmed by one request), then drives `conns` senders (HTTP/1.1
+/// connections or HTTP/2 streams) for `dur`.
 async fn load(
     target: &Target,
     proxy: Option<&Proxy>,
@@ -913,14 +1168,21 @@ async fn load(
     dur: Duration,
     ticks: f64,
 ) -> Result<RunStats, String> {
+    let opened = connections_opened(target, conns);
     let mut senders = Vec::with_capacity(conns);
-    for _ in 0..conns {
+    for _ in 0..opened {
         let mut s = connect(target).await?;
         let status = send(&mut s, target).await?;
         if status != 200 {
             return Err(format!("warm-up request got HTTP {status}"));
         }
         senders.push(s);
+    }
+    for i in opened..conns {
+        let stream = senders[i % opened]
+            .stream()
+            .ok_or("HTTP/1.1 connections carry one request at a time")?;
+        senders.push(stream);
     }
     let pids = proxy.map(Proxy::pids).unwrap_or_default();
     let sampler = RssSampler::start(pids.clone());
@@ -1110,7 +1372,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         let errors: u64 = runs.iter().map(|r| r.errors).sum();
         println!(
             "{:<13} {:>24} {:>22} {:>22} {:>20} {:>10} {:>7} {:>11.1} {:>14} {:>9} {:>8.0}%",
-            t,
+            label(t),
             cell(&col(|r| r.rps), 0),
             cell(&col(|r| r.p50_us), 0),
             cell(&col(|r| r.p99_us), 0),
@@ -1136,7 +1398,7 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
         }
         println!(
             "{:<18} {:>19} {:>22} {:>22} {:>20} {:>10}",
-            format!("{mg}/nginx"),
+            format!("{}/{}", label(mg), label(NGINX)),
             ratio(results, mg, NGINX, c, |r| r.rps),
             ratio(results, mg, NGINX, c, |r| r.p50_us),
             ratio(results, mg, NGINX, c, |r| r.p99_us),
@@ -1241,6 +1503,7 @@ impl SimThread {
                         debug_headers: DebugHeaders::Always,
                         // Bodies are not needed; 100 000 of them would only grow this process.
                         record_bodies: false,
+                        http2: !target_set().upstream_http1,
                         ..SimConfig::default()
                     })
                     .await
@@ -1273,6 +1536,11 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     let ca_file = dir.join("sim-ca.pem");
     std::fs::write(&ca_file, sim.ca_pem()).map_err(|e| format!("write CA: {e}"))?;
     println!("simulator: {} (in this process)", sim.url());
+    let set = target_set();
+    println!("target set: {}", set.describe());
+    if set.tls() {
+        inbound_tls(dir)?;
+    }
 
     let (otlp, exports) = otlp_sink().await?;
     let mut proxies = Vec::new();
@@ -1310,6 +1578,8 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     }
     if std::env::var("LOAD_BARE").is_ok_and(|v| v == "off") {
         println!("{BARE}: LOAD_BARE=off; skipped");
+    } else if set.inbound != Inbound::Plain {
+        println!("{BARE}: serves plain HTTP/1.1 only; skipped in this target set");
     } else {
         let p = start_bare(dir, sim, &ca_file, &token, s.workers).await?;
         proxies.push(p);
@@ -1331,7 +1601,9 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let direct = Target {
         addr: sim.addr(),
-        tls: Some((TlsConnector::from(Arc::new(tls)), token)),
+        tls: Some(TlsConnector::from(Arc::new(tls))),
+        token: Some(token),
+        h2: false,
     };
 
     let ours: Vec<u32> = std::iter::once(std::process::id())
@@ -1345,7 +1617,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     );
     let max_c = s.conns.iter().copied().max().unwrap_or(1);
     for p in &proxies {
-        load(&plain(p.addr), Some(p), &ours, max_c, WARMUP, ticks).await?;
+        load(&proxy_target(p.addr), Some(p), &ours, max_c, WARMUP, ticks).await?;
         p.take_access_lines();
     }
 
@@ -1362,21 +1634,23 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
             // Each round starts at the next target, so that none always runs first (right
             // after the direct run or a change of connection count).
             for p in proxies.iter().cycle().skip(round - 1).take(proxies.len()) {
-                let mut r = load(&plain(p.addr), Some(p), &ours, c, s.seconds, ticks).await?;
+                let mut r =
+                    load(&proxy_target(p.addr), Some(p), &ours, c, s.seconds, ticks).await?;
                 let view = p.take_access_lines();
                 let entry = log_lines.entry(p.name.clone()).or_default();
                 entry.0 += view.lines;
-                entry.1 += r.sent + c as u64;
+                // And the warm-up request on each connection opened (HTTP/2: fewer than c).
+                entry.1 += r.sent + connections_opened(&proxy_target(p.addr), c) as u64;
                 r.log_ms = view.percentiles();
                 eprintln!(
                     "round {round} c={c:<3} {:<13} {:>8.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs cpu {:>6.1} µs/req \
                      | log total p50/p99 {:.2}/{:.2} ms upstream {:.2}/{:.2} ms | errors {} {:?}",
-                    p.name, r.rps, r.p50_us, r.p99_us, r.cpu_us_per_req,
+                    label(&p.name), r.rps, r.p50_us, r.p99_us, r.cpu_us_per_req,
                     r.log_ms[0], r.log_ms[1], r.log_ms[2], r.log_ms[3], r.errors, r.error_kinds
                 );
                 results.entry((p.name.clone(), c)).or_default().push(r);
             }
-            if c == 1 {
+            if c == 1 && set.inbound == Inbound::Plain && !set.new_conn {
                 let r = load(&direct, None, &ours, 1, s.seconds, ticks).await?;
                 eprintln!(
                     "round {round} c=1   {DIRECT:<13} {:>8.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs",
@@ -1394,7 +1668,15 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         .find(|p| perf_target.as_deref().is_none_or(|t| p.name == t));
     if let (Some(out), Some(p)) = (s.perf_out.as_deref(), profiled) {
         let perf = Perf::start(Some(out), p.guard.child.id());
-        let r = load(&plain(p.addr), Some(p), &ours, perf_c, s.seconds, ticks).await?;
+        let r = load(
+            &proxy_target(p.addr),
+            Some(p),
+            &ours,
+            perf_c,
+            s.seconds,
+            ticks,
+        )
+        .await?;
         perf.stop();
         p.take_access_lines();
         println!(
@@ -1410,8 +1692,9 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
     targets.push(BARE.into());
     targets.push(DIRECT.into());
     println!(
-        "\n# {} s per run, {} rounds, {} meetgate worker threads / nginx workers, {} cores; \
+        "\n# {}; {} s per run, {} rounds, {} meetgate worker threads / nginx workers, {} cores; \
          generator, simulator and proxies share the cores",
+        set.describe(),
         s.seconds.as_secs_f64(),
         s.rounds,
         s.workers,
@@ -1429,7 +1712,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         let _ = writeln!(
             out,
             "{:<13} start-up to ready {:>5.0} ms | idle RSS {:>5.1} MiB | RSS after {max_c}-conn run {:>5.1} MiB | VmHWM (sum) {:>5.1} MiB",
-            p.name,
+            label(&p.name),
             p.startup.as_secs_f64() * 1e3,
             mib(p.idle_rss_kib as f64),
             mib(median(after64)),
@@ -1455,7 +1738,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
         }
     }
     let direct_p50 = median(column(&results, DIRECT, 1, |r| r.p50_us));
-    if s.conns.contains(&1) {
+    if !direct_p50.is_nan() {
         for p in &proxies {
             let p50 = median(column(&results, &p.name, 1, |r| r.p50_us));
             let _ = writeln!(
@@ -1508,7 +1791,7 @@ async fn bench(s: &Settings, dir: &Path, ticks: f64) -> Result<(), String> {
                 .map(|(rps, cpu)| format!("req/s {rps}; CPU/req {cpu}"))
             };
             if let Some(line) = line {
-                let _ = writeln!(out, "  {name:<13} c={c:<3} {line}");
+                let _ = writeln!(out, "  {:<17} c={c:<3} {line}", label(name));
             }
         }
     }
