@@ -49,6 +49,20 @@ fn random_token() -> String {
 struct Maps {
     by_access: HashMap<[u8; 32], Arc<Session>>,
     by_refresh: HashMap<[u8; 32], [u8; 32]>,
+    /// Client and app names, one copy each shared by all their sessions (a handful of names
+    /// from the config, against up to `max` sessions: a copy per session was 64 B of each).
+    names: std::collections::HashSet<Arc<str>>,
+}
+
+impl Maps {
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(n.clone());
+        n
+    }
 }
 
 /// All live sessions.
@@ -76,15 +90,16 @@ impl SessionStore {
     ) -> Issued {
         let access_token = random_token();
         let refresh_token = random_token();
+        let refresh_hash = digest(&refresh_token);
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let session = Arc::new(Session {
-            client: Arc::from(client),
-            app: Arc::from(app),
+            client: maps.name(client),
+            app: maps.name(app),
             user: Arc::from(user),
             created_ms: now_ms,
             expires_at_ms: now_ms + lifetime_ms,
-            refresh_hash: digest(&refresh_token),
+            refresh_hash,
         });
-        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         if maps.by_access.len() >= self.max {
             Self::purge(&mut maps, now_ms);
         }
