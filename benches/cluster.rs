@@ -1,8 +1,12 @@
 //! Shared (Redis) mode: added latency and CPU per request against single-instance mode, and
 //! three replicas on one quota with GCRA and the exact limiter side by side (the allowance
 //! used under a flood, the most in any window, upstream 429s, bursts after idle).
-//! `cargo bench --bench cluster` (needs `redis-server` on PATH). Everything runs on loopback:
-//! the simulator and the gateways in this process, Redis beside it.
+//! `cargo bench --bench cluster` (needs `redis-server` and `redis-benchmark` on PATH).
+//! Everything runs on loopback: the simulator and the gateways in this process, Redis beside
+//! it. Each round also runs `redis-benchmark` (one connection, sequential) against the same
+//! redis-server with the very script call the shared gateway sends (captured with MONITOR,
+//! its keys renamed and its member made unique per call) and with PING: the floor meetgate's
+//! added latency and CPU are compared with.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +14,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::net::SocketAddr;
 mod common;
 
 const APP_ID: &str = "bench-cluster-app-0123456789abcd";
@@ -17,16 +22,129 @@ const APP_KEY: &str = "bench-cluster-key";
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-/// CPU time (user + system) of a process, from /proc.
-fn cpu_of(pid: u32) -> Duration {
+/// CPU time (user + system) of a process, from /proc: its own (`children` false) or that of
+/// its children it waited for (`children` true).
+fn cpu_fields(pid: u32, children: bool) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(") ").map_or("", |(_, r)| r);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
+    let at = if children { [13, 14] } else { [11, 12] };
+    let ticks: u64 = at
         .iter()
         .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok()))
         .sum();
     Duration::from_millis(ticks * 10)
+}
+
+fn cpu_of(pid: u32) -> Duration {
+    cpu_fields(pid, false)
+}
+
+/// The arguments of the first EVALSHA the shared gateway at `addr` sends, read with MONITOR.
+async fn capture_script_call(
+    redis_port: u16,
+    client: &HttpClient,
+    addr: SocketAddr,
+) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut monitor = tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
+        .await
+        .expect("redis");
+    monitor.write_all(b"MONITOR\r\n").await.expect("MONITOR");
+    let mut lines = BufReader::new(monitor).lines();
+    assert_eq!(
+        lines.next_line().await.expect("+OK").as_deref(),
+        Some("+OK")
+    );
+    let (posted, line) = tokio::join!(post(client, addr), async {
+        loop {
+            let line = lines.next_line().await.expect("line").expect("open");
+            if line.to_ascii_uppercase().contains("\"EVALSHA\"") {
+                return line;
+            }
+        }
+    });
+    assert!(posted, "shared gateway");
+    // `+<time> [<db> <client>] "arg" "arg" ...`, each argument quoted with \ escapes.
+    let mut args = Vec::new();
+    let mut chars = line[line.find('"').expect("quoted")..].chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut arg = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => arg.push(chars.next().unwrap_or('\\')),
+                c => arg.push(c),
+            }
+        }
+        args.push(arg);
+    }
+    args
+}
+
+/// The same call made `n` times in a row from this process with the redis crate's
+/// ConnectionManager (as meetgate did before it had its own lanes): p50 per call.
+async fn crate_round_trip(port: u16, n: u64, command: &[String]) -> Duration {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).expect("url");
+    let mut conn = client.get_connection_manager().await.expect("redis");
+    let mut lat = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut cmd = redis::cmd(&command[0]);
+        for a in &command[1..] {
+            cmd.arg(a.replace("__rand_int__", &i.to_string()));
+        }
+        let t = Instant::now();
+        let _: redis::Value = cmd.query_async(&mut conn).await.expect("call");
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    lat[lat.len() / 2]
+}
+
+/// `redis-benchmark -c 1 -n n` running `command`: (p50, requests/s, CPU of redis-benchmark +
+/// redis-server).
+fn redis_benchmark(
+    port: u16,
+    n: u64,
+    command: &[String],
+    redis_pid: u32,
+) -> (Duration, f64, Duration) {
+    let me = std::process::id();
+    let cpu0 = cpu_fields(me, true) + cpu_of(redis_pid);
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-c",
+            "1",
+            "-n",
+            &n.to_string(),
+        ])
+        .args(["-r", "1000000000", "--csv"])
+        .args(command)
+        .output()
+        .expect("redis-benchmark on PATH");
+    let cpu = cpu_fields(me, true) + cpu_of(redis_pid) - cpu0;
+    let csv = String::from_utf8_lossy(&out.stdout);
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",...
+    let row: Vec<String> = csv
+        .lines()
+        .nth(1)
+        .unwrap_or_else(|| panic!("redis-benchmark printed {csv:?}"))
+        .rsplitn(7, ',')
+        .map(|f| f.trim_matches('"').to_owned())
+        .collect();
+    let field = |i: usize| row[i].parse::<f64>().expect("number");
+    // rsplitn: max, p99, p95, p50, min, avg, then "test","rps".
+    let rps = row[6]
+        .rsplit_once(',')
+        .map_or(0.0, |(_, r)| r.trim_matches('"').parse().expect("rps"));
+    (Duration::from_secs_f64(field(3) / 1000.0), rps, cpu)
 }
 
 async fn post(client: &HttpClient, addr: std::net::SocketAddr) -> bool {
@@ -209,21 +327,72 @@ async fn main() {
         &format!("{NO_BINDING}[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\n"),
     )
     .await;
-    println!("cluster bench: 1 connection, sequential POSTs, {secs} s per mode, 2 rounds");
+    // The script call meetgate makes, replayed by redis-benchmark on keys of its own ("rb:"
+    // before each), its member (the last argument) unique per call.
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    while !post(&client, shared).await {}
+    let mut script = capture_script_call(port, &client, shared).await;
+    let keys: usize = script[2].parse().expect("numkeys");
+    for k in &mut script[3..3 + keys] {
+        k.insert_str(0, "rb:");
+    }
+    if let Some(member) = script.last_mut() {
+        *member = "rb:__rand_int__".to_owned();
+    }
+    let rb_n: u64 = std::env::var("CLUSTER_RB_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    println!("cluster bench: 1 connection, sequential POSTs, {secs} s per mode, 2 rounds; redis-benchmark -c 1 -n {rb_n}");
+    println!(
+        "script call: {} ({} keys, {} args)",
+        script[..2].join(" "),
+        keys,
+        script.len() - 3 - keys
+    );
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
     for round in 1..=2 {
+        let mut measured = Vec::new();
         for (name, addr, pid) in [
             ("single", single, None),
             ("shared", shared, Some(redis.id())),
         ] {
             let (n, p50, cpu) = run(addr, secs, pid).await;
+            let per = cpu.as_secs_f64() * 1e6 / n as f64;
             println!(
-                "round {round} {name:>6}: {n:>6} requests, {:>7.0} req/s, p50 {:>6.1} us, CPU {:>5.1} us/request (this process{})",
+                "round {round} {name:>6}: {n:>6} requests, {:>7.0} req/s, p50 {:>6.1} us, CPU {per:>5.1} us/request (this process{})",
                 n as f64 / secs as f64,
-                p50.as_secs_f64() * 1e6,
-                cpu.as_secs_f64() * 1e6 / n as f64,
+                us(p50),
                 if pid.is_some() { " + redis-server" } else { "" },
             );
+            measured.push((p50, per));
         }
+        let mut floor = Vec::new();
+        for (name, command) in [
+            ("script", script.clone()),
+            ("PING", vec!["PING".to_owned()]),
+        ] {
+            let (p50, rps, cpu) = redis_benchmark(port, rb_n, &command, redis.id());
+            let per = cpu.as_secs_f64() * 1e6 / rb_n as f64;
+            println!(
+                "round {round} redis-benchmark {name:>6}: {rb_n:>6} calls, {rps:>7.0} calls/s, p50 {:>6.1} us, CPU {per:>5.1} us/call (redis-benchmark + redis-server)",
+                us(p50),
+            );
+            floor.push((p50, per));
+        }
+        println!(
+            "round {round} redis crate (ConnectionManager, this process) script: p50 {:>6.1} us",
+            us(crate_round_trip(port, rb_n, &script).await)
+        );
+        let added = us(measured[1].0) - us(measured[0].0);
+        println!(
+            "round {round} shared - single: p50 +{added:.1} us = {:.2}x the script's round trip ({:.1} us; PING {:.1} us), CPU +{:.1} us/request (the script call: {:.1} us)",
+            added / us(floor[0].0),
+            us(floor[0].0),
+            us(floor[1].0),
+            measured[1].1 - measured[0].1,
+            floor[0].1,
+        );
     }
     let _ = stop1.send(());
     let _ = stop2.send(());
