@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +38,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+#[path = "common/process.rs"]
+mod process;
+use process::{children_of, env_or, free_port, rss_kib, signal, status_kib};
 
 const APP_ID: &str = "bench-load-app-0123456789abcdef0";
 const APP_KEY: &str = "bench-load-app-key-5b1f0c";
@@ -263,21 +267,6 @@ fn inbound_tls(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> Result<u16, String> {
-    // Bound and released at once: a small race with other programs, acceptable on loopback.
-    let l = StdListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("local_addr: {e}"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // /proc readings
 
@@ -333,31 +322,6 @@ fn user_system_ticks_at(path: &str) -> (u64, u64) {
     stat_fields_at(path)
         .and_then(|f| Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?)))
         .unwrap_or((0, 0))
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| stat_fields(*pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(parent))
-        .collect()
-}
-
-/// A `Vm*:` line of /proc/<pid>/status, in KiB.
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn rss_kib(pids: &[u32]) -> u64 {
-    pids.iter().map(|p| status_kib(*p, "VmRSS:")).sum()
 }
 
 /// Busy and total jiffies of the whole host (first line of /proc/stat).
@@ -422,18 +386,6 @@ struct ChildGuard {
     /// workers, which a SIGKILL of the master would orphan. meetgate: a profiling build writes
     /// its profile only when it exits by itself.
     graceful: bool,
-}
-
-fn signal(pid: u32, sig: &str) {
-    // A process that is already gone is not worth a message; no `kill` program is.
-    if let Err(e) = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status()
-    {
-        eprintln!("cannot run `kill -{sig} {pid}`: {e}");
-    }
 }
 
 impl Drop for ChildGuard {
@@ -901,19 +853,7 @@ async fn start_nginx(
 
 /// `LOAD_NGINX`: `off`, or the binary to use; otherwise `nginx` from `PATH` or `/usr/sbin`.
 fn nginx_binary() -> Option<PathBuf> {
-    match std::env::var_os("LOAD_NGINX") {
-        Some(v) if v == "off" => None,
-        Some(v) => Some(PathBuf::from(v)).filter(|p| p.is_file()),
-        None => which("nginx"),
-    }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    process::nginx_binary("LOAD_NGINX")
 }
 
 /// Polls with start_meeting until a 200; returns the time since spawn.

@@ -26,6 +26,10 @@ use meetgate::simulator::{self, SimApp, SimConfig, SimHandle, SimLimits};
 use meetgate::token::sign::{authorization_header, SignInput};
 use tokio::net::TcpStream;
 
+#[path = "common/process.rs"]
+mod process;
+use process::{children_of, env_or, free_port, parent_of, rss_kib, signal};
+
 const APP_ID: &str = "bench-scale-app-0123456789abcdef0";
 const APP_KEY: &str = "bench-scale-app-key-7c2e4a";
 /// meetgate reads the keys from these variables, set only in the child's environment.
@@ -48,58 +52,8 @@ const OPEN_PARALLEL: usize = 128;
 /// that first-touch allocations (pools, buffers, arenas) are not counted per item.
 const WARMUP: usize = 200;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> Result<u16, String> {
-    // Bound and released at once: a small race with other programs, acceptable on loopback.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("local_addr: {e}"))
-}
-
 // ---------------------------------------------------------------------------------------------
-// /proc readings (small copies of benches/load.rs's, which another change is editing)
-
-/// The parent pid (field 4) of /proc/<pid>/stat.
-fn parent_of(pid: u32) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s[s.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| parent_of(*pid) == Some(parent))
-        .collect()
-}
-
-/// Summed VmRSS of `pids`, in KiB.
-fn rss_kib(pids: &[u32]) -> u64 {
-    pids.iter()
-        .map(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/status"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                })
-                .unwrap_or(0)
-        })
-        .sum()
-}
+// /proc readings (the shared ones are in common/process.rs)
 
 /// CPU time of every thread of `pids`, in ns (first field of each task's schedstat: finer than
 /// the 10 ms ticks of /proc/<pid>/stat, which matters for a nearly idle process).
@@ -159,14 +113,6 @@ fn fd_limit() -> u64 {
 struct ChildGuard {
     name: &'static str,
     child: Child,
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
 }
 
 impl Drop for ChildGuard {
@@ -363,17 +309,7 @@ http {{
 }
 
 fn nginx_binary() -> Option<PathBuf> {
-    match std::env::var_os("SCALE_NGINX") {
-        Some(v) if v == "off" => None,
-        Some(v) => Some(PathBuf::from(v)).filter(|p| p.is_file()),
-        None => {
-            let path = std::env::var_os("PATH").unwrap_or_default();
-            std::env::split_paths(&path)
-                .chain(["/usr/sbin".into(), "/sbin".into()])
-                .map(|d| d.join("nginx"))
-                .find(|p| p.is_file())
-        }
-    }
+    process::nginx_binary("SCALE_NGINX")
 }
 
 async fn start_nginx(
