@@ -369,9 +369,9 @@ impl Upstream {
 
     /// Sends a buffered request whose head the caller keeps (for a replay): the headers are
     /// copied for each HTTP/2 stream opened (once, unless the lane sends again). Over HTTP/1.1
-    /// the caller's map is the one sent, and it gets an equal copy back: hyper-util adds `Host`
-    /// to what it sends, and the original has room for it where a copy made to size would
-    /// grow.
+    /// the caller's map is the one sent, and it gets an equal copy back: the worker's HTTP/1.1
+    /// connections add `Host` to what they send, and the original has room for it where a copy
+    /// made to size would grow.
     ///
     /// `one_at_a_time`: the request comes on an HTTP/1.x client connection. While that is the
     /// only connection this pool serves (a worker with one client), it goes over HTTP/1.1 when
