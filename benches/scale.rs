@@ -138,6 +138,8 @@ impl Drop for ChildGuard {
 struct Proxy {
     guard: ChildGuard,
     addr: SocketAddr,
+    /// meetgate's admin listener (for its connection gauges); nginx has none.
+    admin: Option<SocketAddr>,
 }
 
 impl Proxy {
@@ -214,6 +216,7 @@ async fn start_meetgate(
             child,
         },
         addr,
+        admin: Some(admin),
     };
     // Ready: the default identity holds a token.
     let started = Instant::now();
@@ -351,6 +354,7 @@ async fn start_nginx(
             child,
         },
         addr,
+        admin: None,
     };
     let started = Instant::now();
     while !matches!(start_request(addr, None).await, Ok(200)) {
@@ -394,6 +398,27 @@ async fn connect(addr: SocketAddr) -> Result<Sender, String> {
 }
 
 /// One exchange, the body read to the end: (status, body).
+/// meetgate's `client_connections` and `client_connections_parked` gauges.
+async fn connection_gauges(admin: SocketAddr) -> Result<(String, String), String> {
+    let mut s = connect(admin).await?;
+    let req = http::Request::get("/metrics")
+        .header(http::header::HOST, admin.to_string())
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let (_, body) = send(&mut s, req).await?;
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or("?")
+            .to_owned()
+    };
+    Ok((
+        value("meetgate_client_connections"),
+        value("meetgate_client_connections_parked"),
+    ))
+}
+
 async fn send(
     sender: &mut Sender,
     req: http::Request<Full<Bytes>>,
@@ -562,6 +587,11 @@ async fn idle_connections(name: &'static str, p: &Proxy, s: &Settings) -> Result
         opened.elapsed().as_secs_f64()
     );
     let rss_after = settled_rss(&pids).await;
+    if let Some(admin) = p.admin {
+        // Whether the idle connections wait parked (`meetgate_client_connections_parked`).
+        let (open, parked) = connection_gauges(admin).await?;
+        println!("{name}: {open} client connections open, {parked} of them parked");
+    }
 
     let (cpu0, t0) = (cpu_ns(&pids), Instant::now());
     tokio::time::sleep(s.idle).await;

@@ -12,7 +12,43 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::activity::Open;
 use crate::error::GatewayError;
+
+/// A client's request body as hyper delivers it, holding its request open on the connection
+/// (`activity`) until dropped: a connection is parked only when no request body is still
+/// being read, here or by a streaming upstream request.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    _open: Option<Open>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, open: Option<Open>) -> ClientBody {
+        ClientBody { inner, _open: open }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The body of an upstream request.
 #[derive(Debug)]
@@ -23,7 +59,7 @@ pub enum ProxyBody {
     /// cut off with [`TooLarge`] past `max` bytes in all.
     Stream {
         prefix: Option<Bytes>,
-        rest: Incoming,
+        rest: ClientBody,
         seen: u64,
         max: u64,
         /// Set when `max` was passed, for callers that only see a protocol error.
@@ -188,7 +224,7 @@ where
 /// Reads the client's body into memory when it fits `replay_limit`, so the request can be
 /// replayed; a larger (or larger-announced) body streams instead.
 pub async fn prepare(
-    mut body: Incoming,
+    mut body: ClientBody,
     replay_limit: usize,
     max: usize,
 ) -> Result<ProxyBody, GatewayError> {

@@ -36,6 +36,10 @@ impl<S> FramingWatch<S> {
         }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     // Lines are scanned everywhere (bodies too): a body line that looks like a framing header
     // is as unlikely in the upstream's JSON as it is harmless (it only refuses the request).
     // Line ends are found with memchr and only a line's first bytes are looked at: a

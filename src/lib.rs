@@ -4,11 +4,13 @@
 
 pub mod access;
 pub mod accesslog;
+pub mod activity;
 pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod demo;
 pub mod error;

@@ -88,6 +88,9 @@ pub struct Metrics {
     pub token_expiry_seconds: Family<AppLabels, Gauge<f64, AtomicU64>>,
     pub quota_remaining: Family<QuotaLabels, Gauge>,
     pub in_flight: Gauge,
+    /// Client connections open on the proxy listener, and of those the parked ones (`conn`).
+    pub client_connections: Gauge,
+    pub client_connections_parked: Gauge,
     pub waiting: Gauge,
     pub ready: Gauge,
     pub cluster_degraded: Gauge,
@@ -193,6 +196,18 @@ impl Metrics {
             "Requests being handled",
             in_flight.clone(),
         );
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open on the proxy listener",
+            client_connections.clone(),
+        );
+        let client_connections_parked = Gauge::default();
+        registry.register(
+            "client_connections_parked",
+            "Idle HTTP/1.1 client connections parked between requests, holding none of hyper's buffers",
+            client_connections_parked.clone(),
+        );
         let waiting = Gauge::default();
         registry.register(
             "waiting_requests",
@@ -282,6 +297,8 @@ impl Metrics {
             token_expiry_seconds,
             quota_remaining,
             in_flight,
+            client_connections,
+            client_connections_parked,
             waiting,
             ready,
             per_op: (0..crate::operations::OperationTable::global().len())

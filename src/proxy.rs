@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::ClientBody;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 
@@ -499,7 +499,7 @@ impl Gateway {
     /// [`crate::framing`]); the request is refused.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         conflicting_framing: bool,
         upstream: &Upstream,
@@ -583,7 +583,7 @@ impl Gateway {
     /// upstream's answer to the client.
     async fn handle_inner(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         ctx: &mut RequestCtx,
         upstream: &Upstream,
     ) -> Result<Response<ResponseBody>, GatewayError> {
@@ -851,7 +851,7 @@ impl Gateway {
         view: &View,
         operation: &'static str,
         headers: &HeaderMap,
-        body: Incoming,
+        body: ClientBody,
         ctx: &RequestCtx,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let req = SdkRequest {

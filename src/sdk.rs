@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::body::ClientBody;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -81,7 +81,7 @@ impl SdkAuth {
     pub async fn handle(
         &self,
         req: SdkRequest<'_>,
-        body: Incoming,
+        body: ClientBody,
         rules: &AccessRules,
         cfg: &SdkConfig,
         default_user: impl Fn(&str) -> Option<String>,
@@ -299,7 +299,7 @@ impl SdkAuth {
     }
 }
 
-async fn read(body: Incoming) -> Result<Bytes, GatewayError> {
+async fn read(body: ClientBody) -> Result<Bytes, GatewayError> {
     http_body_util::Limited::new(body, BODY_LIMIT)
         .collect()
         .await

@@ -1,70 +1,41 @@
-//! The proxy listener: accepts connections (HTTP/1.1 and h2c on one port), serves each with the
-//! gateway, and drains gracefully on shutdown.
+//! The proxy listener: accepts connections (HTTP/1.1 and h2c on one port, or TLS), bounds
+//! their number, hands each to a worker (`conn` serves it), and drains on shutdown.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::framing::FramingWatch;
+use crate::conn::{self, Drain, Park, Protocols};
 use crate::limits::LimitsConfig;
-use crate::tls::Tls;
-
 use crate::proxy::Gateway;
+use crate::tls::Tls;
 use crate::workers::Workers;
 
-/// The HTTP/1.1 and h2c connection settings of the proxy listener, from `[limits]`.
-fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Also bounds an idle keep-alive connection: the timer runs while waiting for headers.
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(limits.header_read_timeout))
-        .keep_alive_timeout(limits.header_read_timeout);
-    builder
-}
-
 /// Serves one plain connection on `io` exactly as the listener serves an accepted one (the
-/// framing watch, HTTP/1.1 or h2c under `[limits]`, every request through the gateway), until
-/// the client closes it. For in-process drivers: the fuzzer feeds it raw bytes.
-pub async fn serve_io<IO>(
+/// framing watch, HTTP/1.1 or h2c under `[limits]`, every request through the gateway, parked
+/// when idle), until the client closes it. For in-process drivers: the fuzzer feeds it raw
+/// bytes.
+pub async fn serve_io<IO: Park>(
     gateway: Arc<Gateway>,
     io: IO,
     peer: std::net::SocketAddr,
     upstream: crate::upstream::Upstream,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let limits = gateway.config().limits.clone();
-    let builder = connection_builder(&limits);
-    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watch_flag = flag.clone();
-    let gw = gateway.clone();
-    let service = service_fn(move |req| {
-        let gw = gw.clone();
-        let upstream = upstream.clone();
-        let refuse = flag.load(std::sync::atomic::Ordering::Relaxed);
-        async move { Ok::<_, Infallible>(gw.handle(req, peer, refuse, &upstream).await) }
-    });
-    let stream = FramingWatch::new(io, watch_flag);
-    let _ = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+) {
+    let protocols = Protocols::new(&gateway.config().limits);
+    // Kept for the connection's life: a dropped drain would end it at once.
+    let drain = Drain::new();
+    conn::serve(
+        io,
+        peer,
+        gateway,
+        Arc::new(upstream),
+        protocols,
+        drain.watch(),
+    )
+    .await;
 }
 
 /// Serves `listener` until `shutdown` resolves, then lets in-flight requests finish for up to
@@ -79,9 +50,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> bool {
-    let builder = connection_builder(limits);
+    let protocols = Protocols::new(limits);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     tokio::pin!(shutdown);
     let mut accept_backoff = Duration::from_millis(5);
     loop {
@@ -115,25 +86,11 @@ pub async fn serve(
         let worker = workers.next();
         let upstream = worker.upstream().clone();
         let client = upstream.serve_client();
-        // Each request takes a reference to the connection's own handle: a reference to the
-        // gateway itself would write its count, which every worker shares, per request.
-        let gw = Arc::new(gateway.clone());
-        // Raised by the connection's FramingWatch, read per request.
-        let conflicting_framing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let watch_flag = conflicting_framing.clone();
-        let service = service_fn(move |req| {
-            let gw = gw.clone();
-            let upstream = upstream.clone();
-            let refuse = conflicting_framing.load(std::sync::atomic::Ordering::Relaxed);
-            // The request path's future is boxed per request: hyper keeps a slot the size of
-            // the service's future for a connection's whole life, idle or not, and the request
-            // path's own is about 7 KiB (scale bench); boxed, the slot holds a pointer.
-            async move { Ok::<_, Infallible>(Box::pin(gw.handle(req, peer, refuse, &upstream)).await) }
-        });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let gateway = gateway.clone();
+        let protocols = protocols.clone();
+        let drain = drain.watch();
         let tls = tls.clone();
-        worker.spawn(async move {
+        let fut = async move {
             let _permit = permit;
             // Counted while served: how the worker's pool picks a protocol (`upstream`).
             let _client = client;
@@ -144,40 +101,37 @@ pub async fn serve(
                     return;
                 }
             };
-            let result = match tls {
-                None => {
-                    let stream = FramingWatch::new(stream, watch_flag);
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
+            match tls {
+                None => conn::serve(stream, peer, gateway, upstream, protocols, drain).await,
+                // Boxed, with the handshake: inline, rustls' connection state would size
+                // every plain connection's task too.
                 Some(tls) => {
-                    // The handshake runs in the connection's own task, under its own timeout,
-                    // so a slow client never holds up accepting.
-                    let stream = match tokio::time::timeout(
-                        tls.handshake_timeout,
-                        tls.acceptor.accept(stream),
-                    )
+                    Box::pin(async move {
+                        // The handshake runs in the connection's own task, under its own timeout,
+                        // so a slow client never holds up accepting.
+                        let stream = match tokio::time::timeout(
+                            tls.handshake_timeout,
+                            tls.acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        conn::serve(stream, peer, gateway, upstream, protocols, drain).await;
+                    })
                     .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let stream = FramingWatch::new(stream, watch_flag);
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "Connection ended with an error");
             }
-        });
+        };
+        worker.spawn(fut);
     }
     drop(listener);
     tracing::info!(
@@ -185,7 +139,7 @@ pub async fn serve(
         "Shutting down: draining connections"
     );
     tokio::select! {
-        () = graceful.shutdown() => true,
+        () = drain.drained() => true,
         () = tokio::time::sleep(grace) => {
             tracing::warn!("Grace period over with requests still in flight");
             false

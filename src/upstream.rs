@@ -329,6 +329,11 @@ impl Upstream {
         ClientConnection(self.clients.clone())
     }
 
+    /// Client connections served with this pool now (the worker's).
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
     /// The absolute URI of `path_and_query` on the upstream. Only ever the configured upstream:
     /// what the client put in `Host` or an absolute-form URI plays no part.
     /// Built from parts already parsed, so no string is copied or parsed again per request.

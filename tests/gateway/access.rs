@@ -583,10 +583,16 @@ async fn tls_exchange(
     resumed
 }
 
-#[tokio::test]
-async fn the_tls_listener_resumes_the_sessions_of_many_clients() {
+/// A gateway with a `[tls]` listener (a generated certificate for 127.0.0.1), and the roots
+/// a client trusts it by.
+async fn tls_gateway(
+    sim: &meetgate::simulator::SimHandle,
+) -> (
+    TestGateway,
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    tempfile::TempDir,
+) {
     use rustls_pki_types::pem::PemObject;
-    let sim = default_sim().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cert =
         meetgate::simulator::tls::generate_default_cert(&["127.0.0.1".to_owned()]).expect("cert");
@@ -594,7 +600,7 @@ async fn the_tls_listener_resumes_the_sessions_of_many_clients() {
     std::fs::write(&cert_file, &cert.cert_pem).expect("write");
     std::fs::write(&key_file, &cert.key_pem).expect("write");
     let gw = spawn_gateway(
-        &sim,
+        sim,
         GatewayOptions {
             extra: format!(
                 "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
@@ -608,6 +614,55 @@ async fn the_tls_listener_resumes_the_sessions_of_many_clients() {
     let roots = rustls_pki_types::CertificateDer::pem_slice_iter(cert.ca_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("CA PEM");
+    (gw, roots, dir)
+}
+
+#[tokio::test]
+async fn a_parked_tls_connection_serves_its_next_request() {
+    let sim = default_sim().await;
+    let (gw, roots, _dir) = tls_gateway(&sim).await;
+    let mut config = meetgate::upstream::tls_config(&roots).expect("tls config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::IpAddress(gw.addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    for round in 0..3 {
+        let req = http::Request::get("/no/such/operation")
+            .header("host", gw.addr.to_string())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        let resp = send.send_request(req).await.expect("answer");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "round {round}");
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body");
+        // Idle: parked, rustls' state kept with the socket and hyper's buffers freed; the
+        // next request on the same TLS session wakes it.
+        eventually(Duration::from_secs(10), "the TLS connection parked", || {
+            let gw = &gw;
+            async move {
+                String::from_utf8_lossy(&gw.admin("/metrics").await.body)
+                    .lines()
+                    .any(|l| l == "meetgate_client_connections_parked 1")
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn the_tls_listener_resumes_the_sessions_of_many_clients() {
+    let sim = default_sim().await;
+    let (gw, roots, _dir) = tls_gateway(&sim).await;
     // More clients than a server-side session cache of rustls' default size (256 sessions,
     // two per TLS 1.3 client) remembers: each client, with a session store of its own,
     // connects once in turn, then each comes back. Every one resumes: the session travels in

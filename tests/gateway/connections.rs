@@ -541,3 +541,131 @@ async fn announced_lengths(sim: &simulator::SimHandle, upstream: &str, version: 
     assert_eq!(header(&seen[1], "content-length"), Some("0"));
     gw.stop().await;
 }
+
+/// A raw HTTP/1.1 `start` request, its id in `X-Request-Id`.
+fn raw_start(id: &str) -> Vec<u8> {
+    format!(
+        "POST {START} HTTP/1.1\r\nhost: meetgate\r\ncontent-type: application/json\r\nx-request-id: {id}\r\ncontent-length: {}\r\n\r\n",
+        BODY.len()
+    )
+    .into_bytes()
+    .into_iter()
+    .chain(BODY.iter().copied())
+    .collect()
+}
+
+/// Reads `count` whole responses (head plus `content-length` bytes) from `s`; their statuses.
+async fn read_responses(s: &mut tokio::net::TcpStream, count: usize) -> Vec<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut statuses = Vec::new();
+    while statuses.len() < count {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("a response within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed after {} responses", statuses.len());
+        buf.extend_from_slice(&chunk[..n]);
+        // Every complete response at the front of `buf`.
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().expect("content-length"));
+            if buf.len() < end + 4 + len {
+                break;
+            }
+            statuses.push(head[9..12].parse().expect("status"));
+            buf.drain(..end + 4 + len);
+        }
+    }
+    assert!(buf.is_empty(), "bytes past the responses: {buf:?}");
+    statuses
+}
+
+/// (open, parked) client connections by the gateway's own gauges.
+async fn client_connections(gw: &TestGateway) -> (f64, f64) {
+    let text = String::from_utf8(gw.admin("/metrics").await.body.to_vec()).expect("utf-8");
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (
+        value("meetgate_client_connections"),
+        value("meetgate_client_connections_parked"),
+    )
+}
+
+#[tokio::test]
+async fn idle_http1_client_connections_are_parked_and_each_serves_its_next_requests() {
+    use tokio::io::AsyncWriteExt;
+    let sim = default_sim().await;
+    let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    const N: usize = 12;
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let mut s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        s.write_all(&raw_start(&format!("park-{i}-a")))
+            .await
+            .expect("write");
+        assert_eq!(read_responses(&mut s, 1).await, [200]);
+        conns.push(s);
+    }
+    // Each answered connection waits for its next request parked, holding none of hyper's
+    // state; without parking the second gauge stays at 0.
+    eventually(
+        Duration::from_secs(10),
+        "every idle connection parked",
+        || {
+            let gw = &gw;
+            async move { client_connections(gw).await == (N as f64, N as f64) }
+        },
+    )
+    .await;
+    // Each comes back for its next request: one alone, then two pipelined in one write,
+    // then one split mid-head and mid-body across writes.
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(&raw_start(&format!("park-{i}-b")))
+            .await
+            .expect("write");
+        assert_eq!(read_responses(s, 1).await, [200]);
+        let mut two = raw_start(&format!("park-{i}-c"));
+        two.extend(raw_start(&format!("park-{i}-d")));
+        s.write_all(&two).await.expect("write");
+        assert_eq!(read_responses(s, 2).await, [200, 200]);
+        let split = raw_start(&format!("park-{i}-e"));
+        for part in [&split[..7], &split[7..40], &split[40..split.len() - 5]] {
+            s.write_all(part).await.expect("write");
+            s.flush().await.expect("flush");
+            tokio::task::yield_now().await;
+        }
+        s.write_all(&split[split.len() - 5..]).await.expect("write");
+        assert_eq!(read_responses(s, 1).await, [200]);
+    }
+    let ids: HashSet<String> = received(&sim, START)
+        .iter()
+        .filter_map(|r| header(r, "x-request-id").map(str::to_owned))
+        .filter(|id| id.starts_with("park-"))
+        .collect();
+    assert_eq!(ids.len(), N * 5, "every request upstream once: {ids:?}");
+    eventually(Duration::from_secs(10), "parked again", || {
+        let gw = &gw;
+        async move { client_connections(gw).await == (N as f64, N as f64) }
+    })
+    .await;
+    // On shutdown a parked connection closes at once: there is nothing to finish.
+    gw.stop().await;
+    for mut s in conns {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("closed on shutdown");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+}
