@@ -170,8 +170,7 @@ pub fn serve<S: Park>(
     let mut io = FramingWatch::new(io, conflicting_framing.clone());
     async move {
         let metrics = gateway.metrics().clone();
-        metrics.client_connections.inc();
-        let _open = Counted(&metrics.client_connections);
+        let _open = Counted::up(&metrics.client_connections);
         let activity = Activity::new();
         let drained = drain.0.changed();
         tokio::pin!(drained);
@@ -353,8 +352,7 @@ where
                 continue;
             }
             // Parked: the socket, the service and this task's few hundred bytes, nothing else.
-            metrics.client_connections_parked.inc();
-            let parked = Counted(&metrics.client_connections_parked);
+            let parked = Counted::up(&metrics.client_connections_parked);
             let woke = tokio::select! {
                 biased;
                 _ = drained.as_mut() => return Ok(()),
@@ -392,8 +390,15 @@ async fn wake<S: Park>(io: &mut S) -> io::Result<Option<Bytes>> {
     Ok((n > 0).then(|| Bytes::copy_from_slice(&buf[..n])))
 }
 
-/// Takes one off a gauge when dropped: the connection task may end at any await.
+/// One on a gauge while alive: the connection task may end at any await.
 struct Counted<'a>(&'a Gauge);
+
+impl<'a> Counted<'a> {
+    fn up(gauge: &'a Gauge) -> Counted<'a> {
+        gauge.inc();
+        Counted(gauge)
+    }
+}
 
 impl Drop for Counted<'_> {
     fn drop(&mut self) {

@@ -649,11 +649,7 @@ async fn a_parked_tls_connection_serves_its_next_request() {
         // next request on the same TLS session wakes it.
         eventually(Duration::from_secs(10), "the TLS connection parked", || {
             let gw = &gw;
-            async move {
-                String::from_utf8_lossy(&gw.admin("/metrics").await.body)
-                    .lines()
-                    .any(|l| l == "meetgate_client_connections_parked 1")
-            }
+            async move { gw.metric("meetgate_client_connections_parked").await == 1.0 }
         })
         .await;
     }

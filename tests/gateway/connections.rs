@@ -587,15 +587,9 @@ async fn read_responses(s: &mut tokio::net::TcpStream, count: usize) -> Vec<u16>
 
 /// (open, parked) client connections by the gateway's own gauges.
 async fn client_connections(gw: &TestGateway) -> (f64, f64) {
-    let text = String::from_utf8(gw.admin("/metrics").await.body.to_vec()).expect("utf-8");
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(f64::NAN)
-    };
     (
-        value("meetgate_client_connections"),
-        value("meetgate_client_connections_parked"),
+        gw.metric("meetgate_client_connections").await,
+        gw.metric("meetgate_client_connections_parked").await,
     )
 }
 

@@ -227,6 +227,14 @@ impl TestGateway {
         self.dir.path().join("meetgate.toml")
     }
 
+    /// The value of an unlabelled gauge or counter in `/metrics` (NaN when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = String::from_utf8(self.admin("/metrics").await.body.to_vec()).expect("utf-8");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
     /// GET on the admin listener.
     pub async fn admin(&self, path: &str) -> Reply {
         let req = Request::get(format!("http://{}{}", self.admin_addr, path))
