@@ -86,7 +86,7 @@ async fn capture_script_call(
 }
 
 /// The same call made `n` times in a row from this process with the redis crate's
-/// ConnectionManager (as meetgate did before it had its own lanes): p50 per call.
+/// ConnectionManager, on the runtime that calls it: p50 per call.
 async fn crate_round_trip(port: u16, n: u64, command: &[String]) -> Duration {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).expect("url");
     let mut conn = client.get_connection_manager().await.expect("redis");
@@ -288,7 +288,7 @@ async fn main() {
     let secs: u64 = std::env::var("CLUSTER_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(3);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -342,8 +342,12 @@ async fn main() {
     let rb_n: u64 = std::env::var("CLUSTER_RB_REQUESTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    println!("cluster bench: 1 connection, sequential POSTs, {secs} s per mode, 2 rounds; redis-benchmark -c 1 -n {rb_n}");
+        .unwrap_or(10_000);
+    let rounds: usize = std::env::var("CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    println!("cluster bench: 1 connection, sequential POSTs, {secs} s per mode, {rounds} paired rounds (the order of single and shared alternating); redis-benchmark -c 1 -n {rb_n}");
     println!(
         "script call: {} ({} keys, {} args)",
         script[..2].join(" "),
@@ -351,12 +355,17 @@ async fn main() {
         script.len() - 3 - keys
     );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    for round in 1..=2 {
-        let mut measured = Vec::new();
-        for (name, addr, pid) in [
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let mut modes = [
             ("single", single, None),
             ("shared", shared, Some(redis.id())),
-        ] {
+        ];
+        if round % 2 == 0 {
+            modes.reverse();
+        }
+        let mut measured = [(Duration::ZERO, 0.0); 2];
+        for (name, addr, pid) in modes {
             let (n, p50, cpu) = run(addr, secs, pid).await;
             let per = cpu.as_secs_f64() * 1e6 / n as f64;
             println!(
@@ -365,7 +374,7 @@ async fn main() {
                 us(p50),
                 if pid.is_some() { " + redis-server" } else { "" },
             );
-            measured.push((p50, per));
+            measured[usize::from(pid.is_some())] = (p50, per);
         }
         let mut floor = Vec::new();
         for (name, command) in [
@@ -380,20 +389,46 @@ async fn main() {
             );
             floor.push((p50, per));
         }
+        let crate_calls = rb_n / 2;
+        let here = crate_round_trip(port, crate_calls, &script).await;
+        // The same on a single-threaded runtime, as on one of meetgate's workers: the
+        // connection's driver task and the caller on one thread.
+        let one_thread = {
+            let script = script.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(crate_round_trip(port, crate_calls, &script))
+            })
+            .join()
+            .expect("thread")
+        };
         println!(
-            "round {round} redis crate (ConnectionManager, this process) script: p50 {:>6.1} us",
-            us(crate_round_trip(port, rb_n, &script).await)
+            "round {round} redis crate (ConnectionManager, this process) script: p50 {:>6.1} us from this multi-threaded runtime, {:>6.1} us on a single-threaded one",
+            us(here),
+            us(one_thread)
         );
         let added = us(measured[1].0) - us(measured[0].0);
+        let ratio = added / us(floor[0].0);
+        ratios.push(ratio);
         println!(
-            "round {round} shared - single: p50 +{added:.1} us = {:.2}x the script's round trip ({:.1} us; PING {:.1} us), CPU +{:.1} us/request (the script call: {:.1} us)",
-            added / us(floor[0].0),
+            "round {round} shared - single: p50 +{added:.1} us = {ratio:.2}x the script's round trip ({:.1} us; PING {:.1} us), CPU +{:.1} us/request (the script call: {:.1} us)",
             us(floor[0].0),
             us(floor[1].0),
             measured[1].1 - measured[0].1,
             floor[0].1,
         );
     }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "shared - single over the script's round trip: median {:.2}x [{:.2}-{:.2}], at or under 1.5x in {} of {rounds} rounds",
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1],
+        ratios.iter().filter(|r| **r <= 1.5).count(),
+    );
     let _ = stop1.send(());
     let _ = stop2.send(());
     if std::env::var_os("CLUSTER_SKIP_QUOTA").is_none() {

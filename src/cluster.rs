@@ -2,8 +2,10 @@
 //! decision (the exact limiter's sorted sets, or GCRA), a token record with expiry, a sign-in
 //! lock, and a degraded mode (local fallbacks) while Redis is unreachable.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -223,14 +225,26 @@ pub enum ClusterError {
     Timeout,
 }
 
-/// The connection and the shared/degraded state of this replica.
+/// One thread's connection and its number: a timed-out one is forgotten only if still
+/// current. The async lock makes the requests that find it empty wait for one connection
+/// instead of each making its own.
+type Lane = tokio::sync::Mutex<Option<(u64, ConnectionManager)>>;
+
+/// The connections and the shared/degraded state of this replica.
 pub struct Cluster {
     cfg: ClusterConfig,
     client: Option<redis::Client>,
-    /// The connection and its number: a timed-out one is forgotten only if still current.
-    conn: tokio::sync::Mutex<Option<(u64, ConnectionManager)>>,
+    /// A connection per calling thread. A connection's driver task runs on the runtime that
+    /// made it; each request worker is a single-threaded runtime, so with one connection per
+    /// replica a call from any other worker crossed threads twice (the command to the driver,
+    /// the reply back), each a futex wake-up costing more than Redis's own round trip on a
+    /// loaded machine. Per thread, the reply wakes the request on the worker that reads it.
+    /// The threads are the workers and the main runtime's: a handful per replica.
+    lanes: Mutex<HashMap<ThreadId, Arc<Lane>>>,
     connections: AtomicU64,
-    last_attempt: Mutex<Option<Instant>>,
+    /// When a connection attempt last failed: while Redis is down, each replica tries at most
+    /// once a second (a success does not hold back the other threads' first connections).
+    last_failure: Mutex<Option<Instant>>,
     degraded: AtomicBool,
     last_error: Mutex<String>,
     /// When shared mode last resumed after a fallback period.
@@ -250,9 +264,9 @@ impl Cluster {
         Arc::new(Cluster {
             cfg,
             client,
-            conn: tokio::sync::Mutex::new(None),
+            lanes: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
-            last_attempt: Mutex::new(None),
+            last_failure: Mutex::new(None),
             degraded: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
             resumed_at: Mutex::new(None),
@@ -318,9 +332,19 @@ impl Cluster {
         }
     }
 
-    /// A connection, made on first use and retried at most once a second while Redis is down.
-    async fn connection(&self) -> Result<(u64, ConnectionManager), ClusterError> {
-        let mut guard = self.conn.lock().await;
+    /// This thread's lane.
+    fn lane(&self) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        lanes
+            .entry(std::thread::current().id())
+            .or_default()
+            .clone()
+    }
+
+    /// This thread's connection, made on first use; while Redis is down, an attempt at most
+    /// once a second per replica.
+    async fn connection(&self, lane: &Lane) -> Result<(u64, ConnectionManager), ClusterError> {
+        let mut guard = lane.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
@@ -328,38 +352,41 @@ impl Cluster {
             .client
             .clone()
             .ok_or_else(|| ClusterError::Unavailable("invalid redis_url".into()))?;
-        {
-            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                return Err(ClusterError::Unavailable(
-                    "not connected (retrying every second)".into(),
-                ));
-            }
-            *last = Some(Instant::now());
+        let last = *self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return Err(ClusterError::Unavailable(
+                "not connected (retrying every second)".into(),
+            ));
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.cfg.timeout))
             .set_response_timeout(Some(self.cfg.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let manager = tokio::time::timeout(
+        let made = match tokio::time::timeout(
             self.cfg.timeout * 2,
             ConnectionManager::new_with_config(client, config),
         )
         .await
-        .map_err(|_| ClusterError::Timeout)?
-        .map_err(|e| ClusterError::Unavailable(format!("{:?}", e.kind())))?;
+        {
+            Err(_) => Err(ClusterError::Timeout),
+            Ok(Err(e)) => Err(ClusterError::Unavailable(format!("{:?}", e.kind()))),
+            Ok(Ok(manager)) => Ok(manager),
+        };
+        let manager = made.inspect_err(|_| {
+            *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        })?;
         let id = self.connections.fetch_add(1, Ordering::Relaxed);
         *guard = Some((id, manager.clone()));
         Ok((id, manager))
     }
 
-    /// Gives up connection `id` after a command on it timed out. A partition drops packets
-    /// without resetting the connection, and TCP's retransmissions back off to many seconds, so
-    /// after the link heals the old connection may stay silent long after a new one would
-    /// answer: the next command connects afresh (at most once a second, as above).
-    async fn forget(&self, id: u64) {
-        let mut guard = self.conn.lock().await;
+    /// Gives up connection `id` after a command on it timed out or found it gone. A partition
+    /// drops packets without resetting the connection, and TCP's retransmissions back off to
+    /// many seconds, so after the link heals the old connection may stay silent long after a
+    /// new one would answer: the next command connects afresh (see above for how often).
+    async fn forget(lane: &Lane, id: u64) {
+        let mut guard = lane.lock().await;
         if guard.as_ref().is_some_and(|(current, _)| *current == id) {
             *guard = None;
         }
@@ -372,15 +399,17 @@ impl Cluster {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let result = async {
-            let (id, conn) = self.connection().await?;
+            let lane = self.lane();
+            let (id, conn) = self.connection(&lane).await?;
             match tokio::time::timeout(self.cfg.timeout, op(conn)).await {
                 Err(_) => {
-                    self.forget(id).await;
+                    Self::forget(&lane, id).await;
                     Err(ClusterError::Timeout)
                 }
                 Ok(Err(e)) => {
-                    if e.is_timeout() {
-                        self.forget(id).await;
+                    // Gone too: a connection whose runtime has stopped cannot reconnect.
+                    if e.is_timeout() || e.is_connection_dropped() {
+                        Self::forget(&lane, id).await;
                     }
                     Err(ClusterError::Unavailable(format!("{:?}", e.kind())))
                 }

@@ -294,3 +294,64 @@ async fn the_shared_exact_script_never_exceeds_n_and_uses_all_of_it() {
         );
     }
 }
+
+/// Each request worker calls Redis on a connection of its own (its reply wakes the request on
+/// the worker that reads it, not through another thread), and a worker's first connection is
+/// not held back by another's: none of these first decisions falls back.
+#[tokio::test]
+async fn each_worker_decides_on_its_own_redis_connection_without_falling_back() {
+    use crate::connections::{raw_start, read_responses};
+    use tokio::io::AsyncWriteExt;
+    let redis = RedisServer::start();
+    let sim = default_sim().await;
+    let prefix = format!("t{}:", rand::random::<u32>());
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            top: "workers = 2".to_owned(),
+            quota: NO_BINDING_QUOTA.to_owned(),
+            extra: cluster_toml(&redis, &prefix),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Connections are dealt to the workers in turn: these two land on different ones.
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        conns.push(
+            tokio::net::TcpStream::connect(gw.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    for round in 0..3 {
+        for (i, s) in conns.iter_mut().enumerate() {
+            s.write_all(&raw_start(&format!("lane-{round}-{i}")))
+                .await
+                .expect("write");
+            assert_eq!(read_responses(s, 1).await, [200]);
+        }
+    }
+    assert_eq!(
+        gw.metric("meetgate_cluster_fallback_decisions").await,
+        0.0,
+        "no decision fell back"
+    );
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT LIST");
+    // The gateway's connections (all but this test's): one per worker, and the sign-in's if
+    // it ran on another thread. One connection for the whole replica would be 1.
+    let gateways = list
+        .lines()
+        .filter(|l| !l.contains(" cmd=client|list "))
+        .count();
+    assert!(gateways >= 2, "one connection per worker:\n{list}");
+}

@@ -543,7 +543,7 @@ async fn announced_lengths(sim: &simulator::SimHandle, upstream: &str, version: 
 }
 
 /// A raw HTTP/1.1 `start` request, its id in `X-Request-Id`.
-fn raw_start(id: &str) -> Vec<u8> {
+pub(crate) fn raw_start(id: &str) -> Vec<u8> {
     format!(
         "POST {START} HTTP/1.1\r\nhost: meetgate\r\ncontent-type: application/json\r\nx-request-id: {id}\r\ncontent-length: {}\r\n\r\n",
         BODY.len()
@@ -555,7 +555,7 @@ fn raw_start(id: &str) -> Vec<u8> {
 }
 
 /// Reads `count` whole responses (head plus `content-length` bytes) from `s`; their statuses.
-async fn read_responses(s: &mut tokio::net::TcpStream, count: usize) -> Vec<u16> {
+pub(crate) async fn read_responses(s: &mut tokio::net::TcpStream, count: usize) -> Vec<u16> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let mut statuses = Vec::new();
