@@ -346,7 +346,8 @@ async fn main() {
     let rounds: usize = std::env::var("CLUSTER_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+        .unwrap_or(6)
+        .max(1);
     println!("cluster bench: 1 connection, sequential POSTs, {secs} s per mode, {rounds} paired rounds (the order of single and shared alternating); redis-benchmark -c 1 -n {rb_n}");
     println!(
         "script call: {} ({} keys, {} args)",
@@ -422,9 +423,14 @@ async fn main() {
         );
     }
     ratios.sort_by(f64::total_cmp);
+    let mid = ratios.len() / 2;
+    let median = if ratios.len() % 2 == 0 {
+        (ratios[mid - 1] + ratios[mid]) / 2.0
+    } else {
+        ratios[mid]
+    };
     println!(
-        "shared - single over the script's round trip: median {:.2}x [{:.2}-{:.2}], at or under 1.5x in {} of {rounds} rounds",
-        ratios[ratios.len() / 2],
+        "shared - single over the script's round trip: median {median:.2}x [{:.2}-{:.2}], at or under 1.5x in {} of {rounds} rounds",
         ratios[0],
         ratios[ratios.len() - 1],
         ratios.iter().filter(|r| **r <= 1.5).count(),

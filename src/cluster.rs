@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::secret::{print, redact_url};
 
+/// While Redis is down a replica tries to connect at most this often, and shared mode resumes
+/// once no call has failed for this long.
+const RETRY: Duration = Duration::from_secs(1);
+
 /// `[cluster]`: several replicas sharing one quota and one token per identity through Redis.
 #[derive(Clone, Serialize)]
 pub struct ClusterConfig {
@@ -239,12 +243,16 @@ pub struct Cluster {
     /// replica a call from any other worker crossed threads twice (the command to the driver,
     /// the reply back), each a futex wake-up costing more than Redis's own round trip on a
     /// loaded machine. Per thread, the reply wakes the request on the worker that reads it.
-    /// The threads are the workers and the main runtime's: a handful per replica.
+    /// The threads are the workers and the main runtime's: `workers + 1` per replica.
     lanes: Mutex<HashMap<ThreadId, Arc<Lane>>>,
     connections: AtomicU64,
-    /// When a connection attempt last failed: while Redis is down, each replica tries at most
-    /// once a second (a success does not hold back the other threads' first connections).
-    last_failure: Mutex<Option<Instant>>,
+    /// Set by a failed connection attempt: no lane tries again before then, and the one that
+    /// does moves it a second on first, so a down Redis sees one attempt a second per replica.
+    /// A success clears it: the other lanes' first connections are not held back.
+    retry_after: Mutex<Option<Instant>>,
+    /// When a call last failed: shared mode resumes only after a second without one, so lanes
+    /// still reconnecting after Redis returns do not flip the replica in and out of it.
+    failed_at: Mutex<Option<Instant>>,
     degraded: AtomicBool,
     last_error: Mutex<String>,
     /// When shared mode last resumed after a fallback period.
@@ -266,7 +274,8 @@ impl Cluster {
             client,
             lanes: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
-            last_failure: Mutex::new(None),
+            retry_after: Mutex::new(None),
+            failed_at: Mutex::new(None),
             degraded: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
             resumed_at: Mutex::new(None),
@@ -314,6 +323,7 @@ impl Cluster {
 
     fn failed(&self, e: &ClusterError) {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         if let Ok(mut last) = self.last_error.lock() {
             *last = e.to_string();
         }
@@ -324,7 +334,15 @@ impl Cluster {
     }
 
     fn succeeded(&self) {
-        if self.degraded.swap(false, Ordering::Relaxed) {
+        if !self.degraded.load(Ordering::Relaxed) {
+            return;
+        }
+        let quiet = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|t| t.elapsed() >= RETRY);
+        if quiet && self.degraded.swap(false, Ordering::Relaxed) {
             if let Ok(mut r) = self.resumed_at.lock() {
                 *r = Some(Instant::now());
             }
@@ -341,8 +359,8 @@ impl Cluster {
             .clone()
     }
 
-    /// This thread's connection, made on first use; while Redis is down, an attempt at most
-    /// once a second per replica.
+    /// This thread's connection, made on first use; while Redis is down, one attempt a second
+    /// per replica (after the first failure: until then, each lane's first call tries).
     async fn connection(&self, lane: &Lane) -> Result<(u64, ConnectionManager), ClusterError> {
         let mut guard = lane.lock().await;
         if let Some(c) = guard.as_ref() {
@@ -352,11 +370,19 @@ impl Cluster {
             .client
             .clone()
             .ok_or_else(|| ClusterError::Unavailable("invalid redis_url".into()))?;
-        let last = *self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            return Err(ClusterError::Unavailable(
-                "not connected (retrying every second)".into(),
-            ));
+        {
+            let mut retry_after = self.retry_after.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            match *retry_after {
+                Some(at) if now < at => {
+                    return Err(ClusterError::Unavailable(
+                        "not connected (retrying every second)".into(),
+                    ))
+                }
+                // This second's attempt is this lane's.
+                Some(_) => *retry_after = Some(now + RETRY),
+                None => {}
+            }
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.cfg.timeout))
@@ -373,15 +399,15 @@ impl Cluster {
             Ok(Err(e)) => Err(ClusterError::Unavailable(format!("{:?}", e.kind()))),
             Ok(Ok(manager)) => Ok(manager),
         };
-        let manager = made.inspect_err(|_| {
-            *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        })?;
+        *self.retry_after.lock().unwrap_or_else(|p| p.into_inner()) =
+            made.is_err().then(|| Instant::now() + RETRY);
+        let manager = made?;
         let id = self.connections.fetch_add(1, Ordering::Relaxed);
         *guard = Some((id, manager.clone()));
         Ok((id, manager))
     }
 
-    /// Gives up connection `id` after a command on it timed out or found it gone. A partition
+    /// Gives up connection `id` after a command on it timed out. A partition
     /// drops packets without resetting the connection, and TCP's retransmissions back off to
     /// many seconds, so after the link heals the old connection may stay silent long after a
     /// new one would answer: the next command connects afresh (see above for how often).
@@ -407,8 +433,8 @@ impl Cluster {
                     Err(ClusterError::Timeout)
                 }
                 Ok(Err(e)) => {
-                    // Gone too: a connection whose runtime has stopped cannot reconnect.
-                    if e.is_timeout() || e.is_connection_dropped() {
+                    // A dropped connection the manager reconnects on its own.
+                    if e.is_timeout() {
                         Self::forget(&lane, id).await;
                     }
                     Err(ClusterError::Unavailable(format!("{:?}", e.kind())))

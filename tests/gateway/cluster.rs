@@ -295,6 +295,20 @@ async fn the_shared_exact_script_never_exceeds_n_and_uses_all_of_it() {
     }
 }
 
+/// Two client connections to a gateway of two workers: connections are dealt to the workers
+/// in turn, so these land on different ones.
+async fn one_per_worker(gw: &TestGateway) -> Vec<tokio::net::TcpStream> {
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        conns.push(
+            tokio::net::TcpStream::connect(gw.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    conns
+}
+
 /// Each request worker calls Redis on a connection of its own (its reply wakes the request on
 /// the worker that reads it, not through another thread), and a worker's first connection is
 /// not held back by another's: none of these first decisions falls back.
@@ -305,25 +319,23 @@ async fn each_worker_decides_on_its_own_redis_connection_without_falling_back() 
     let redis = RedisServer::start();
     let sim = default_sim().await;
     let prefix = format!("t{}:", rand::random::<u32>());
+    // A generous timeout: this asserts that no decision falls back, on a busy CI machine too.
     let gw = spawn_gateway(
         &sim,
         GatewayOptions {
             top: "workers = 2".to_owned(),
             quota: NO_BINDING_QUOTA.to_owned(),
-            extra: cluster_toml(&redis, &prefix),
+            extra: cluster_toml(&redis, &prefix).replace("\"200ms\"", "\"2s\""),
             ..Default::default()
         },
     )
     .await;
-    // Connections are dealt to the workers in turn: these two land on different ones.
-    let mut conns = Vec::new();
-    for _ in 0..2 {
-        conns.push(
-            tokio::net::TcpStream::connect(gw.addr)
-                .await
-                .expect("connect"),
-        );
-    }
+    eventually(Duration::from_secs(10), "ready", || {
+        let gw = &gw;
+        async move { gw.admin("/readyz").await.status == StatusCode::OK }
+    })
+    .await;
+    let mut conns = one_per_worker(&gw).await;
     for round in 0..3 {
         for (i, s) in conns.iter_mut().enumerate() {
             s.write_all(&raw_start(&format!("lane-{round}-{i}")))
@@ -347,11 +359,77 @@ async fn each_worker_decides_on_its_own_redis_connection_without_falling_back() 
         .query_async(&mut conn)
         .await
         .expect("CLIENT LIST");
-    // The gateway's connections (all but this test's): one per worker, and the sign-in's if
-    // it ran on another thread. One connection for the whole replica would be 1.
+    // The gateway's connections (all but this test's): one per worker, and one for the
+    // sign-in when it ran off the workers. One for the whole replica would be 1; one per call
+    // or per request, more.
     let gateways = list
         .lines()
         .filter(|l| !l.contains(" cmd=client|list "))
         .count();
-    assert!(gateways >= 2, "one connection per worker:\n{list}");
+    assert!(
+        (2..=3).contains(&gateways),
+        "one connection per worker:\n{list}"
+    );
+}
+
+/// While Redis is down a replica keeps serving on its fallback share, and its lanes together
+/// try to connect about once a second, not once per request.
+#[tokio::test]
+async fn a_down_redis_is_retried_once_a_second_per_replica_not_per_request() {
+    use crate::connections::{raw_start, read_responses};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    // Not Redis: a port that takes each connection and closes it at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            drop(s);
+        }
+    });
+    let sim = default_sim().await;
+    let gw = spawn_gateway(
+        &sim,
+        GatewayOptions {
+            top: "workers = 2".to_owned(),
+            // Falling back, the exact limiter's share starts blocked for a window: a short one.
+            quota: "[quota]\nper_api_per_minute = 1000000\nper_api_window = \"1s\"\n\
+                all_env_per_second = 1000000\nmax_wait = \"10s\"\n"
+                .to_owned(),
+            extra: format!(
+                "[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\nkey_prefix = \"down:\"\nmax_replicas = 3\ntimeout = \"200ms\"\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut conns = one_per_worker(&gw).await;
+    // Requests for a few seconds: each decision finds no connection and falls back.
+    let start = std::time::Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        for (i, s) in conns.iter_mut().enumerate() {
+            s.write_all(&raw_start(&format!("down-{sent}-{i}")))
+                .await
+                .expect("write");
+            assert_eq!(read_responses(s, 1).await, [200], "served on the fallback");
+            sent += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let attempts = accepted.load(Ordering::Relaxed);
+    assert_eq!(gw.metric("meetgate_cluster_degraded").await, 1.0);
+    assert!(attempts >= 1, "it tried");
+    // Each lane's first call may try (3 lanes at most: two workers and the sign-in's), then one
+    // attempt a second; the redis crate retries a refused connection once within an attempt.
+    let bound = 2 * (3 + elapsed.ceil() as usize + 1);
+    assert!(
+        attempts <= bound && attempts < sent,
+        "{attempts} connections for {sent} requests in {elapsed:.1} s (at most {bound})"
+    );
 }
