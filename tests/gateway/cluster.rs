@@ -426,8 +426,9 @@ async fn a_down_redis_is_retried_once_a_second_per_replica_not_per_request() {
     assert_eq!(gw.metric("meetgate_cluster_degraded").await, 1.0);
     assert!(attempts >= 1, "it tried");
     // Each lane's first call may try (3 lanes at most: two workers and the sign-in's), then one
-    // attempt a second; the redis crate retries a refused connection once within an attempt.
-    let bound = 2 * (3 + elapsed.ceil() as usize + 1);
+    // attempt a second; the redis crate retries a failed connection once within an attempt
+    // (counted with room to spare: a retry per request would be one or more per request).
+    let bound = 3 * (3 + elapsed.ceil() as usize + 1);
     assert!(
         attempts <= bound && attempts < sent,
         "{attempts} connections for {sent} requests in {elapsed:.1} s (at most {bound})"
