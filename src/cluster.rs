@@ -243,7 +243,9 @@ pub struct Cluster {
     /// replica a call from any other worker crossed threads twice (the command to the driver,
     /// the reply back), each a futex wake-up costing more than Redis's own round trip on a
     /// loaded machine. Per thread, the reply wakes the request on the worker that reads it.
-    /// The threads are the workers and the main runtime's: `workers + 1` per replica.
+    /// The threads are the workers and the main runtime's: `workers + 1` per replica. Keyed by
+    /// std's `ThreadId`, which is never reused: a per-object thread-local that recycles the
+    /// slots of exited threads could hand a new thread a connection whose runtime is gone.
     lanes: Mutex<HashMap<ThreadId, Arc<Lane>>>,
     connections: AtomicU64,
     /// Set by a failed connection attempt: no lane tries again before then, and the one that
@@ -389,16 +391,13 @@ impl Cluster {
             .set_response_timeout(Some(self.cfg.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let made = match tokio::time::timeout(
+        let made = tokio::time::timeout(
             self.cfg.timeout * 2,
             ConnectionManager::new_with_config(client, config),
         )
         .await
-        {
-            Err(_) => Err(ClusterError::Timeout),
-            Ok(Err(e)) => Err(ClusterError::Unavailable(format!("{:?}", e.kind()))),
-            Ok(Ok(manager)) => Ok(manager),
-        };
+        .map_err(|_| ClusterError::Timeout)
+        .and_then(|r| r.map_err(|e| ClusterError::Unavailable(format!("{:?}", e.kind()))));
         *self.retry_after.lock().unwrap_or_else(|p| p.into_inner()) =
             made.is_err().then(|| Instant::now() + RETRY);
         let manager = made?;
@@ -407,10 +406,10 @@ impl Cluster {
         Ok((id, manager))
     }
 
-    /// Gives up connection `id` after a command on it timed out. A partition
-    /// drops packets without resetting the connection, and TCP's retransmissions back off to
-    /// many seconds, so after the link heals the old connection may stay silent long after a
-    /// new one would answer: the next command connects afresh (see above for how often).
+    /// Gives up connection `id` after a command on it timed out. A partition drops packets
+    /// without resetting the connection, and TCP's retransmissions back off to many seconds, so
+    /// after the link heals the old connection may stay silent long after a new one would
+    /// answer: the next command connects afresh (see above for how often).
     async fn forget(lane: &Lane, id: u64) {
         let mut guard = lane.lock().await;
         if guard.as_ref().is_some_and(|(current, _)| *current == id) {
