@@ -320,25 +320,35 @@ async fn main() {
     const NO_BINDING: &str =
         "[quota]\nper_api_per_minute = 1000000\nall_env_per_second = 1000000\nburst = 100000\n";
     let (single, stop1) = common::gateway(&sim, APP_ID, APP_KEY, NO_BINDING).await;
+    // Shared with leases (the default) and with a decision on Redis per request, each on
+    // keys of its own.
     let (shared, stop2) = common::gateway(
         &sim,
         APP_ID,
         APP_KEY,
-        &format!("{NO_BINDING}[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\n"),
+        &format!("{NO_BINDING}[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\nkey_prefix = \"lease:\"\n"),
     )
     .await;
-    // The script call meetgate makes, replayed by redis-benchmark on keys of its own ("rb:"
-    // before each), its member (the last argument) unique per call.
+    let (per_request, stop3) = common::gateway(
+        &sim,
+        APP_ID,
+        APP_KEY,
+        &format!("{NO_BINDING}[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\nkey_prefix = \"each:\"\nlease = \"0s\"\n"),
+    )
+    .await;
+    // The script call meetgate makes for one request's decision, replayed by redis-benchmark
+    // on keys of its own ("rb:" before each), its member unique per call.
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     while !post(&client, shared).await {}
-    let mut script = capture_script_call(port, &client, shared).await;
+    while !post(&client, per_request).await {}
+    let mut script = capture_script_call(port, &client, per_request).await;
     let keys: usize = script[2].parse().expect("numkeys");
     for k in &mut script[3..3 + keys] {
         k.insert_str(0, "rb:");
     }
-    if let Some(member) = script.last_mut() {
-        *member = "rb:__rand_int__".to_owned();
-    }
+    // ARGV ends with the member, the slots asked for (1) and the lease's life (0).
+    let member = script.len() - 3;
+    script[member] = "rb:__rand_int__".to_owned();
     let rb_n: u64 = std::env::var("CLUSTER_RB_REQUESTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -356,26 +366,28 @@ async fn main() {
         script.len() - 3 - keys
     );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let mut ratios = Vec::new();
+    // Per mode with Redis: the ratio of its added p50 to the script's round trip, per round.
+    let mut ratios = [Vec::new(), Vec::new()];
     for round in 1..=rounds {
         let mut modes = [
             ("single", single, None),
             ("shared", shared, Some(redis.id())),
+            ("shared, lease off", per_request, Some(redis.id())),
         ];
         if round % 2 == 0 {
             modes.reverse();
         }
-        let mut measured = [(Duration::ZERO, 0.0); 2];
-        for (name, addr, pid) in modes {
+        let mut measured = [(Duration::ZERO, 0.0); 3];
+        for (i, (name, addr, pid)) in modes.into_iter().enumerate() {
             let (n, p50, cpu) = run(addr, secs, pid).await;
             let per = cpu.as_secs_f64() * 1e6 / n as f64;
             println!(
-                "round {round} {name:>6}: {n:>6} requests, {:>7.0} req/s, p50 {:>6.1} us, CPU {per:>5.1} us/request (this process{})",
+                "round {round} {name:>17}: {n:>6} requests, {:>7.0} req/s, p50 {:>6.1} us, CPU {per:>5.1} us/request (this process{})",
                 n as f64 / secs as f64,
                 us(p50),
                 if pid.is_some() { " + redis-server" } else { "" },
             );
-            measured[usize::from(pid.is_some())] = (p50, per);
+            measured[if round % 2 == 0 { 2 - i } else { i }] = (p50, per);
         }
         let mut floor = Vec::new();
         for (name, command) in [
@@ -411,32 +423,37 @@ async fn main() {
             us(here),
             us(one_thread)
         );
-        let added = us(measured[1].0) - us(measured[0].0);
-        let ratio = added / us(floor[0].0);
-        ratios.push(ratio);
+        for (m, name) in [(1, "shared"), (2, "shared, lease off")] {
+            let added = us(measured[m].0) - us(measured[0].0);
+            let ratio = added / us(floor[0].0);
+            ratios[m - 1].push(ratio);
+            println!(
+                "round {round} {name} - single: p50 {added:+.1} us = {ratio:.2}x the script's round trip ({:.1} us; PING {:.1} us), CPU {:+.1} us/request (the script call: {:.1} us)",
+                us(floor[0].0),
+                us(floor[1].0),
+                measured[m].1 - measured[0].1,
+                floor[0].1,
+            );
+        }
+    }
+    for (ratios, name) in ratios.iter_mut().zip(["shared", "shared, lease off"]) {
+        ratios.sort_by(f64::total_cmp);
+        let mid = ratios.len() / 2;
+        let median = if ratios.len() % 2 == 0 {
+            (ratios[mid - 1] + ratios[mid]) / 2.0
+        } else {
+            ratios[mid]
+        };
         println!(
-            "round {round} shared - single: p50 +{added:.1} us = {ratio:.2}x the script's round trip ({:.1} us; PING {:.1} us), CPU +{:.1} us/request (the script call: {:.1} us)",
-            us(floor[0].0),
-            us(floor[1].0),
-            measured[1].1 - measured[0].1,
-            floor[0].1,
+            "{name} - single over the script's round trip: median {median:.2}x [{:.2}-{:.2}], at or under 1.5x in {} of {rounds} rounds",
+            ratios[0],
+            ratios[ratios.len() - 1],
+            ratios.iter().filter(|r| **r <= 1.5).count(),
         );
     }
-    ratios.sort_by(f64::total_cmp);
-    let mid = ratios.len() / 2;
-    let median = if ratios.len() % 2 == 0 {
-        (ratios[mid - 1] + ratios[mid]) / 2.0
-    } else {
-        ratios[mid]
-    };
-    println!(
-        "shared - single over the script's round trip: median {median:.2}x [{:.2}-{:.2}], at or under 1.5x in {} of {rounds} rounds",
-        ratios[0],
-        ratios[ratios.len() - 1],
-        ratios.iter().filter(|r| **r <= 1.5).count(),
-    );
     let _ = stop1.send(());
     let _ = stop2.send(());
+    let _ = stop3.send(());
     if std::env::var_os("CLUSTER_SKIP_QUOTA").is_none() {
         println!("three replicas, one quota: N = {N} per {W:?} (scaled from 1 minute), margin 100 ms, 30 clients");
         for (name, algorithm) in [

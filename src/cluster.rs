@@ -18,6 +18,13 @@ use crate::secret::{print, redact_url};
 /// once no call has failed for this long.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// Longest `lease`: well under `RETRY`, so no lease outlives an outage and the second without
+/// failures that ends it (leases are used only while shared mode is on).
+pub const MAX_LEASE: Duration = Duration::from_millis(500);
+
+/// Most slots one exact decision reserves (the request's own and the leased ones).
+pub const MAX_LEASE_SLOTS: u32 = 64;
+
 /// `[cluster]`: several replicas sharing one quota and one token per identity through Redis.
 #[derive(Clone, Serialize)]
 pub struct ClusterConfig {
@@ -30,6 +37,10 @@ pub struct ClusterConfig {
     /// Longest wait for one Redis command before falling back.
     #[serde(serialize_with = "print::duration")]
     pub timeout: Duration,
+    /// How long slots reserved ahead by one exact decision may be used; zero: one decision
+    /// per request.
+    #[serde(serialize_with = "print::duration")]
+    pub lease: Duration,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -39,6 +50,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("key_prefix", &self.key_prefix)
             .field("max_replicas", &self.max_replicas)
             .field("timeout", &self.timeout)
+            .field("lease", &self.lease)
             .finish()
     }
 }
@@ -49,6 +61,7 @@ impl PartialEq for ClusterConfig {
             && self.key_prefix == other.key_prefix
             && self.max_replicas == other.max_replicas
             && self.timeout == other.timeout
+            && self.lease == other.lease
     }
 }
 
@@ -102,15 +115,21 @@ return {1, 0}
 /// "alive" marker. ARGV: per limit its N and span (µs), then `drain` (1: a limit with no
 /// admissions on record counts as spent, its window used evenly up to now, so no replica gets
 /// a fresh burst after Redis lost its data or after this one was falling back), then a member
-/// id unique to this decision. A spent window is kept as its start time (the marker), not as N
-/// entries: its N virtual admissions leave at the steady rate. Returns {1, 0, now_us} when
-/// admitted (every set updated) or {0, wait_us, now_us} (nothing updated).
+/// id unique to this decision, then `want` (slots asked for: this request's and leased ones)
+/// and the lease's life (µs). A lease is granted only while every limit, with it, stays at or
+/// under half its N; otherwise one slot. Leased slots are booked at now + life, the latest
+/// they can be used, as members `<member>:2`..`<member>:<granted>`: each counts from now until
+/// its latest use's window has passed, never less than an admission at its use would.
+/// Returns {1, 0, now_us, granted} when admitted (every set updated) or {0, wait_us, now_us, 0}
+/// (nothing updated).
 const EXACT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = (#KEYS - 1) / 2
 local drain = tonumber(ARGV[2 * n + 1]) == 1
 local member = ARGV[2 * n + 2]
+local grant = tonumber(ARGV[2 * n + 3])
+local life = tonumber(ARGV[2 * n + 4])
 if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
   drain = true
   redis.call('SET', KEYS[#KEYS], '1')
@@ -132,7 +151,9 @@ for i = 1, n do
   if from >= 0 then
     if now <= from then left = 0 else left = math.min(limit, math.ceil((now - from) * limit / span) - 1) end
   end
-  local excess = real + (limit - left) + 1 - limit
+  local used = real + (limit - left)
+  if used + grant > math.floor(limit / 2) then grant = 1 end
+  local excess = used + 1 - limit
   if excess > 0 then
     -- The excess-th exit among the real (oldest first) and the virtual ones.
     local oldest = redis.call('ZRANGE', set, 0, excess - 1, 'WITHSCORES')
@@ -152,34 +173,44 @@ for i = 1, n do
     if at - now > wait then wait = at - now end
   end
 end
-if wait > 0 then return {0, wait, now} end
+if wait > 0 then return {0, wait, now, 0} end
+local leased = {}
+for j = 2, grant do
+  leased[#leased + 1] = now + life
+  leased[#leased + 1] = member .. ':' .. j
+end
 for i = 1, n do
   local set = KEYS[2 * i - 1]
   local limit = tonumber(ARGV[2 * i - 1])
   local span = tonumber(ARGV[2 * i])
   redis.call('ZADD', set, now, member)
+  if grant > 1 then redis.call('ZADD', set, unpack(leased)) end
   local count = redis.call('ZCARD', set)
   if count > limit then
     redis.call('ZREMRANGEBYRANK', set, 0, count - limit - 1)
   end
-  redis.call('PEXPIRE', set, math.floor(span / 1000) + 1000)
+  redis.call('PEXPIRE', set, math.floor((span + life) / 1000) + 1000)
 end
-return {1, 0, now}
+return {1, 0, now, grant}
 "#;
 
-/// A shared exact decision: admitted at Redis' `at_us`, or not before `wait`.
+/// A shared exact decision: admitted at Redis' `at_us` with `leased` more slots reserved
+/// (members `<member>:2`..), or not before `wait`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExactVerdict {
-    Admitted { at_us: u64 },
+    Admitted { at_us: u64, leased: u32 },
     Wait(Duration),
 }
 
 impl ExactVerdict {
-    /// The script's reply `{ok, wait_us, now_us}`: a refusal always waits at least 1 µs.
-    pub fn from_reply(ok: i64, wait_us: i64, now_us: i64) -> ExactVerdict {
+    /// The script's reply `{ok, wait_us, now_us, granted}`: a refusal always waits at least
+    /// 1 µs; an admission leases `granted - 1` slots, never more than `want - 1`.
+    pub fn from_reply(ok: i64, wait_us: i64, now_us: i64, granted: i64, want: u32) -> ExactVerdict {
         if ok == 1 {
+            let granted = u32::try_from(granted).unwrap_or(1).clamp(1, want.max(1));
             ExactVerdict::Admitted {
                 at_us: u64::try_from(now_us).unwrap_or(0),
+                leased: granted - 1,
             }
         } else {
             ExactVerdict::Wait(Duration::from_micros(
@@ -260,6 +291,8 @@ pub struct Cluster {
     /// When shared mode last resumed after a fallback period.
     resumed_at: Mutex<Option<Instant>>,
     pub fallbacks: AtomicU64,
+    /// Admissions on leased slots: requests decided without a Redis round trip of their own.
+    pub leased: AtomicU64,
     gcra: redis::Script,
     exact: redis::Script,
     delete_if: redis::Script,
@@ -282,6 +315,7 @@ impl Cluster {
             last_error: Mutex::new(String::new()),
             resumed_at: Mutex::new(None),
             fallbacks: AtomicU64::new(0),
+            leased: AtomicU64::new(0),
             gcra: redis::Script::new(GCRA),
             exact: redis::Script::new(EXACT),
             delete_if: redis::Script::new(DELETE_IF),
@@ -477,21 +511,31 @@ impl Cluster {
         Ok(gcra_verdict(ok, wait_us))
     }
 
-    /// One shared exact decision over a bucket's limits: `limits` are (key, N, span).
+    /// A member id for one exact decision, unique across replicas.
+    pub fn member(&self) -> String {
+        format!(
+            "{}:{}",
+            self.replica,
+            self.decisions.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// One shared exact decision over a bucket's limits: `limits` are (key, N, span). `want`
+    /// slots are asked for (this request's, and up to `MAX_LEASE_SLOTS - 1` leased for
+    /// `[cluster] lease`), booked as `member`.
     pub async fn exact(
         &self,
         limits: &[(String, u32, Duration)],
         longest_window: Duration,
+        member: &str,
+        want: u32,
     ) -> Result<ExactVerdict, ClusterError> {
         let drain = self.recently_resumed(longest_window);
         let alive = self.key(&["alive"]);
-        let member = format!(
-            "{}:{}",
-            self.replica,
-            self.decisions.fetch_add(1, Ordering::Relaxed)
-        );
+        let want = want.clamp(1, MAX_LEASE_SLOTS);
+        let life = self.cfg.lease.as_micros() as u64;
         let script = &self.exact;
-        let (ok, wait_us, now_us): (i64, i64, i64) = self
+        let (ok, wait_us, now_us, granted): (i64, i64, i64, i64) = self
             .run(|mut conn| async move {
                 let mut inv = script.prepare_invoke();
                 for (k, _, _) in limits {
@@ -501,11 +545,39 @@ impl Cluster {
                 for (_, n, span) in limits {
                     inv.arg(*n).arg(span.as_micros() as u64);
                 }
-                inv.arg(u8::from(drain)).arg(&member);
+                inv.arg(u8::from(drain)).arg(member).arg(want).arg(life);
                 inv.invoke_async(&mut conn).await
             })
             .await?;
-        Ok(ExactVerdict::from_reply(ok, wait_us, now_us))
+        Ok(ExactVerdict::from_reply(ok, wait_us, now_us, granted, want))
+    }
+
+    /// Gives back leased slots `<member>:<from>`..=`<member>:<to>` that were not used, in every
+    /// limit's set, so the quota they held is free again before its window passes.
+    pub async fn release(
+        &self,
+        keys: &[String],
+        member: &str,
+        from: u32,
+        to: u32,
+    ) -> Result<(), ClusterError> {
+        if from > to {
+            return Ok(());
+        }
+        let members: Vec<String> = (from..=to).map(|j| format!("{member}:{j}")).collect();
+        self.run(|mut conn| async move {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.zrem(k, &members).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
+    /// Whether this replica is on its local fallbacks now (no leased slot is used then).
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
     }
 
     pub async fn get_token(&self, key: &str) -> Result<Option<SharedToken>, ClusterError> {

@@ -95,6 +95,7 @@ pub struct Metrics {
     pub ready: Gauge,
     pub cluster_degraded: Gauge,
     pub cluster_fallbacks: Gauge,
+    pub cluster_leased: Gauge,
     pub control_sessions: Gauge,
     pub control_token_requests: Family<ControlLabels, Counter>,
     pub control_replays: Counter,
@@ -232,6 +233,12 @@ impl Metrics {
             "Decisions made on local fallbacks because Redis was unreachable (since start)",
             cluster_fallbacks.clone(),
         );
+        let cluster_leased = Gauge::default();
+        registry.register(
+            "cluster_leased_admissions",
+            "Admissions on slots leased ahead from Redis, without a round trip of their own (since start)",
+            cluster_leased.clone(),
+        );
         let control_sessions = Gauge::default();
         registry.register(
             "control_sessions",
@@ -288,6 +295,7 @@ impl Metrics {
             control_replays,
             cluster_degraded,
             cluster_fallbacks,
+            cluster_leased,
             requests,
             request_seconds,
             upstream_seconds,

@@ -391,10 +391,11 @@ impl Gateway {
         m.ready.set(i64::from(self.readiness().is_ok()));
         if let Some(c) = &self.cluster {
             m.cluster_degraded.set(i64::from(c.degraded().is_some()));
-            m.cluster_fallbacks.set(
-                i64::try_from(c.fallbacks.load(std::sync::atomic::Ordering::Relaxed))
-                    .unwrap_or(i64::MAX),
-            );
+            let count = |n: &std::sync::atomic::AtomicU64| {
+                i64::try_from(n.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX)
+            };
+            m.cluster_fallbacks.set(count(&c.fallbacks));
+            m.cluster_leased.set(count(&c.leased));
         }
     }
 

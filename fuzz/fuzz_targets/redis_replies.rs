@@ -1,6 +1,7 @@
 //! The Redis replies shared mode parses: the quota scripts' replies (as the redis crate decodes
 //! RESP) and the shared token records. Invariants: never a panic; a refusal always waits at
-//! least a microsecond (a zero wait would spin); a token record that parses keeps its fields.
+//! least a microsecond (a zero wait would spin); an admission never leases more than it asked
+//! for; a token record that parses keeps its fields.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,9 +10,16 @@ use redis::FromRedisValue;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(value) = redis::parse_redis_value(data) {
-        if let Ok((ok, wait, now)) = <(i64, i64, i64)>::from_redis_value(value.clone()) {
-            match ExactVerdict::from_reply(ok, wait, now) {
-                ExactVerdict::Admitted { .. } => assert_eq!(ok, 1),
+        if let Ok((ok, wait, now, granted)) =
+            <(i64, i64, i64, i64)>::from_redis_value(value.clone())
+        {
+            // The slots asked for: derived from the reply, so every value is reached.
+            let want = (now as u32) % 66;
+            match ExactVerdict::from_reply(ok, wait, now, granted, want) {
+                ExactVerdict::Admitted { leased, .. } => {
+                    assert_eq!(ok, 1);
+                    assert!(leased < want.max(1), "never more than asked for");
+                }
                 ExactVerdict::Wait(w) => {
                     assert_ne!(ok, 1);
                     assert!(w.as_micros() >= 1);

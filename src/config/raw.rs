@@ -48,6 +48,7 @@ pub(super) struct RawCluster {
     pub(super) key_prefix: Option<String>,
     pub(super) max_replicas: Option<u32>,
     pub(super) timeout: Option<String>,
+    pub(super) lease: Option<String>,
 }
 
 impl fmt::Debug for RawCluster {

@@ -345,3 +345,30 @@ fn durations_over_a_year_are_refused_with_their_key() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn a_cluster_lease_is_50ms_by_default_may_be_off_and_is_refused_above_500ms() {
+    let lease = |line: &str| {
+        let text =
+            format!("{MINIMAL}\n[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\n{line}\n");
+        load_str(&text, &env(&[("KEY1", "k")]))
+    };
+    let of = |c: Config| c.cluster.expect("cluster").lease;
+    assert_eq!(of(lease("").expect("valid")), Duration::from_millis(50));
+    assert_eq!(of(lease("lease = \"0s\"").expect("valid")), Duration::ZERO);
+    assert_eq!(
+        of(lease("lease = \"500ms\"").expect("valid")),
+        Duration::from_millis(500)
+    );
+    for bad in ["\"501ms\"", "\"soon\""] {
+        let problems = lease(&format!("lease = {bad}"))
+            .expect_err("invalid")
+            .problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("cluster.lease") && p.contains(bad)),
+            "{bad}: {problems:?}"
+        );
+    }
+}

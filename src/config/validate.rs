@@ -15,7 +15,7 @@ use super::check::{quoted, valid_name, Checker, ConfigError};
 use super::raw::*;
 use super::Config;
 use crate::access::{ClientConfig, ClientRate, Patterns, SdkCredential, DEFAULT_MAX_QUEUED};
-use crate::cluster::ClusterConfig;
+use crate::cluster::{ClusterConfig, MAX_LEASE};
 use crate::control::ControlConfig;
 use crate::limits::LimitsConfig;
 use crate::operations::OperationTable;
@@ -672,6 +672,18 @@ fn validate_clients(
 fn validate_cluster(c: &mut Checker, cl: RawCluster) -> Option<ClusterConfig> {
     let timeout = c.duration("cluster.timeout", cl.timeout.as_deref(), "250ms");
     let max_replicas = non_zero(c, "cluster.max_replicas", cl.max_replicas, 10);
+    // "0s" turns leases off: one Redis decision per request.
+    let lease = match cl.lease.as_deref() {
+        Some(text) if humantime::parse_duration(text).is_ok_and(|d| d.is_zero()) => Duration::ZERO,
+        text => c.duration("cluster.lease", text, "50ms"),
+    };
+    if lease > MAX_LEASE {
+        c.problem(
+            "cluster.lease",
+            quoted(cl.lease.as_deref().unwrap_or_default()),
+            "must be at most 500ms (or \"0s\" for no leases)",
+        );
+    }
     let key_prefix = cl.key_prefix.unwrap_or_else(|| "meetgate:".to_owned());
     // Absent means single-instance mode.
     let url = cl.redis_url?;
@@ -692,6 +704,7 @@ fn validate_cluster(c: &mut Checker, cl: RawCluster) -> Option<ClusterConfig> {
         key_prefix,
         max_replicas,
         timeout,
+        lease,
     })
 }
 

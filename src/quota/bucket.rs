@@ -9,6 +9,7 @@ use super::fair::FairQueue;
 use super::gcra::{Gcra, Taken};
 use super::limit::{LimitKind, LimitParams};
 use super::limiter::{nanos, Engine, Limit};
+use super::shared::Lease;
 use crate::clock::LastUse;
 use crate::operations::OperationId;
 
@@ -30,6 +31,8 @@ pub(super) struct BucketState {
     pub(super) limits: Vec<Limit>,
     /// This replica's share of each limit while the shared store is unreachable.
     pub(super) fallback: Vec<Limit>,
+    /// Slots the shared store reserved ahead for this replica (shared mode, exact limiter).
+    pub(super) lease: Lease,
     pub(super) hold_until: Option<Instant>,
     /// Admitted requests not finished yet. Kept under the lock the admission and the
     /// response's report take anyway: as an atomic of its own it was two more writes per

@@ -197,6 +197,7 @@ impl QuotaManager {
             state: Mutex::new(BucketState {
                 limits,
                 fallback: Vec::new(),
+                lease: Default::default(),
                 hold_until: None,
                 in_flight: 0,
             }),

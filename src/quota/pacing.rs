@@ -43,14 +43,17 @@ impl QuotaManager {
         // Nobody queued and a slot free now: admitted without the gate. The limiter's own
         // lock keeps the count exact; skipping the async gate means requests on different
         // workers never wake each other through it (a cross-thread wake-up per contended
-        // request otherwise). Shared mode decides on Redis, asynchronously, so it queues.
+        // request otherwise). Shared mode decides on Redis, asynchronously, so it queues,
+        // unless this replica holds a leased slot.
         // (A free slot means no wait to estimate: with nobody ahead the estimate is zero.)
         // Only reads of the shared counters here: every write to a line that all workers
         // touch moves it between cores.
         if bucket.waiting.load(Ordering::Relaxed) == 0
-            && self.cluster.is_none()
             && !self.shutting_down.load(Ordering::Relaxed)
-            && bucket.try_admit(start).is_ok()
+            && match &self.cluster {
+                None => bucket.try_admit(start).is_ok(),
+                Some(cluster) => bucket.try_admit_leased(start, cluster),
+            }
         {
             return Ok(Admission {
                 bucket,

@@ -1,6 +1,9 @@
 //! The shared-mode bridge: a bucket's decisions made by the Redis script (the exact limiter's
-//! sorted sets, or GCRA), and the local fallback share while Redis is unreachable.
+//! sorted sets, or GCRA), the slots it leases ahead, and the local fallback share while Redis
+//! is unreachable.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::clock::DefaultClock;
@@ -9,7 +12,76 @@ use super::bucket::Bucket;
 use super::limit::{fallback_share, LimitParams};
 use super::limiter::Limit;
 use super::{QuotaConfig, QuotaManager};
-use crate::cluster::{Cluster, ExactVerdict};
+use crate::cluster::{Cluster, ExactVerdict, MAX_LEASE_SLOTS};
+
+/// Slots an exact decision reserved ahead for this replica (`[cluster] lease`): used by the
+/// next requests without a Redis round trip until `until`. Its size follows demand: doubled
+/// when a lease runs out before it ends, else what the last one served. At a rate below one
+/// request per lease it stays at one slot, a decision per request.
+#[derive(Default)]
+pub(crate) struct Lease {
+    /// The decision's member; its leased slots are `<member>:<j>`.
+    member: String,
+    /// The next leased slot to use, and the last one granted (`next > last`: none left).
+    next: u32,
+    last: u32,
+    /// Measured from before the call that granted it: no later than Redis booked its slots.
+    until: Option<Instant>,
+    /// Slots to ask for next, at least 1.
+    size: u32,
+}
+
+impl Lease {
+    /// One leased slot, if one is left and the lease has not ended.
+    fn take(&mut self, now: Instant) -> bool {
+        let live = self.until.is_some_and(|u| now < u);
+        if live && self.next <= self.last {
+            self.next += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Ends this lease before a new decision at `now`: how many slots to ask for, and the
+    /// unused slots to give back (`<member>:<from>`..=`<to>`) if it ended with some.
+    fn renew(&mut self, now: Instant, enabled: bool) -> (u32, Option<(String, u32, u32)>) {
+        let live = self.until.is_some_and(|u| now < u);
+        let unused = self.next <= self.last;
+        let size = self.size.max(1);
+        self.size = if !enabled {
+            1
+        } else if live {
+            // Asked again before it ended: demand is above what it held.
+            (size * 2).min(MAX_LEASE_SLOTS)
+        } else if self.until.is_some() {
+            // What it served: the request that took it and its used slots.
+            (self.next.saturating_sub(1)).clamp(1, MAX_LEASE_SLOTS)
+        } else {
+            size
+        };
+        let give_back = unused.then(|| (std::mem::take(&mut self.member), self.next, self.last));
+        self.until = None;
+        self.next = 0;
+        self.last = 0;
+        (self.size, give_back)
+    }
+
+    /// Holds `leased` slots of the decision booked as `member`, usable until `until`.
+    fn grant(&mut self, member: String, leased: u32, until: Instant) {
+        self.member = member;
+        self.next = 2;
+        self.last = 1 + leased;
+        self.until = Some(until);
+    }
+
+    /// Drops the lease without using it (Redis failed, or shared mode is resuming).
+    fn clear(&mut self) {
+        self.until = None;
+        self.next = 0;
+        self.last = 0;
+    }
+}
 
 /// A bucket's limits as the shared store decides them.
 pub(super) enum SharedLimits {
@@ -20,6 +92,30 @@ pub(super) enum SharedLimits {
 }
 
 impl Bucket {
+    /// Admits on a leased slot, if this bucket holds one: no Redis round trip. Not while the
+    /// replica is degraded (its fallback share counts admissions then), and only with this
+    /// bucket's local paces free.
+    pub(super) fn try_admit_leased(&self, now: Instant, cluster: &Cluster) -> bool {
+        if cluster.is_degraded() {
+            return false;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.lease.until.is_none_or(|u| now >= u) || state.lease.next > state.lease.last {
+            return false;
+        }
+        if Self::precheck(&mut state, now).is_err() {
+            return false;
+        }
+        if Self::take_paces(&state.limits).is_err() {
+            return false;
+        }
+        let took = state.lease.take(now);
+        debug_assert!(took, "checked above under the same lock");
+        self.record(&mut state, now);
+        cluster.leased.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Local fallback while the shared store is unreachable: this replica's share
     /// (1/`max_replicas`) of every limit.
     pub(super) fn try_admit_fallback(
@@ -88,10 +184,11 @@ impl QuotaManager {
     pub(super) async fn admit_shared(
         &self,
         bucket: &Bucket,
-        cluster: &Cluster,
+        cluster: &Arc<Cluster>,
         now: Instant,
         cfg: &QuotaConfig,
     ) -> Result<(), Duration> {
+        let start = now;
         let longest = cfg.longest_window() + cfg.safety_margin;
         // For a window after Redis came back, this replica also keeps to its fallback share,
         // counting what it admitted while falling back: the other replicas' fallback
@@ -99,48 +196,82 @@ impl QuotaManager {
         let resuming = cluster.recently_resumed(longest);
         // A configured burst paces each replica's own admissions: its slot is taken here and
         // given back if the shared store refuses.
-        let paces = {
+        let lease_on = !cluster.config().lease.is_zero();
+        let (paces, want, give_back) = {
             let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
             Bucket::precheck(&mut state, now)?;
             if resuming {
+                state.lease.clear();
                 let wait = Bucket::exact_wait(&state.fallback, bucket.born, now);
                 if !wait.is_zero() {
                     return Err(wait);
                 }
             }
-            Bucket::take_paces(&state.limits)?
+            let paces = Bucket::take_paces(&state.limits)?;
+            if !resuming && state.lease.take(now) {
+                bucket.record(&mut state, now);
+                cluster.leased.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            let (want, give_back) = state.lease.renew(now, lease_on && !resuming);
+            (paces, want, give_back)
         };
-        let verdict = match bucket.shared_limits(cluster) {
-            SharedLimits::Exact(limits) => cluster.exact(&limits, longest).await.map(|v| match v {
-                ExactVerdict::Admitted { .. } => None,
-                ExactVerdict::Wait(wait) => Some(wait),
-            }),
-            SharedLimits::Gcra(limits) => cluster.gcra(&limits, longest).await,
-        };
+        let limits = bucket.shared_limits(cluster);
+        if let (Some((member, from, to)), SharedLimits::Exact(l)) = (give_back, &limits) {
+            let keys: Vec<String> = l.iter().map(|(k, _, _)| k.clone()).collect();
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                // A failure is already counted as one; the slots then age out on their own.
+                let _ = cluster.release(&keys, &member, from, to).await;
+            });
+        }
+        let member = cluster.member();
+        let verdict =
+            match &limits {
+                SharedLimits::Exact(limits) => cluster
+                    .exact(limits, longest, &member, want)
+                    .await
+                    .map(|v| match v {
+                        ExactVerdict::Admitted { leased, .. } => Ok(leased),
+                        ExactVerdict::Wait(wait) => Err(wait),
+                    }),
+                SharedLimits::Gcra(limits) => cluster
+                    .gcra(limits, longest)
+                    .await
+                    .map(|v| v.map_or(Ok(0), Err)),
+            };
         // The decision took a Redis round trip, or a timeout, or a wait for the connection
         // another request is making: what is booked locally from here happens now, not when
         // this call began. (Booked at the earlier time, a fallback window would end early by
         // that wait, and the next share go while the upstream still counts this one.)
         let now = Instant::now().max(now);
         match verdict {
-            Ok(None) => {
+            Ok(Ok(leased)) => {
                 let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
                 if resuming {
                     Bucket::book_exact(&mut state.fallback, bucket.born, now);
                 } else {
                     state.fallback.clear();
                 }
+                if lease_on && !resuming {
+                    // Timed from before the call: Redis booked the slots at its now + life,
+                    // later. Held even with no slot leased, to see how soon the next comes.
+                    state
+                        .lease
+                        .grant(member, leased, start + cluster.config().lease);
+                }
                 bucket.record(&mut state, now);
                 Ok(())
             }
-            Ok(Some(wait)) => {
+            Ok(Err(wait)) => {
                 let state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
                 Bucket::return_paces(&state.limits, paces);
                 Err(wait)
             }
             Err(_) => {
                 {
-                    let state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.lease.clear();
                     Bucket::return_paces(&state.limits, paces);
                 }
                 bucket.try_admit_fallback(
@@ -151,5 +282,63 @@ impl QuotaManager {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIFE: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn a_lease_is_used_slot_by_slot_until_it_ends() {
+        let t0 = Instant::now();
+        let mut lease = Lease::default();
+        assert!(!lease.take(t0), "nothing leased yet");
+        lease.grant("m".to_owned(), 2, t0 + LIFE);
+        assert!(lease.take(t0));
+        assert!(lease.take(t0 + LIFE / 2));
+        assert!(!lease.take(t0 + LIFE / 2), "both slots used");
+        lease.grant("m".to_owned(), 2, t0 + LIFE);
+        assert!(!lease.take(t0 + LIFE), "ended");
+    }
+
+    #[test]
+    fn a_lease_grows_while_it_runs_out_early_and_shrinks_to_what_it_served() {
+        let t0 = Instant::now();
+        let mut lease = Lease::default();
+        assert_eq!(lease.renew(t0, true).0, 1, "one slot at first");
+        // Each lease runs out before it ends: the next asks for twice as many, up to the cap.
+        let mut want = 1;
+        for _ in 0..10 {
+            lease.grant("m".to_owned(), want - 1, t0 + LIFE);
+            while lease.take(t0) {}
+            let (next, give_back) = lease.renew(t0, true);
+            assert!(give_back.is_none(), "all used");
+            assert_eq!(next, (want * 2).min(MAX_LEASE_SLOTS));
+            want = next;
+        }
+        // One that ends with 3 of its 63 leased slots used served 4 requests: the next asks
+        // for 4, and the 60 unused slots are given back.
+        lease.grant("m7".to_owned(), want - 1, t0 + LIFE);
+        for _ in 0..3 {
+            assert!(lease.take(t0));
+        }
+        let (next, give_back) = lease.renew(t0 + LIFE, true);
+        assert_eq!(next, 4);
+        assert_eq!(give_back, Some(("m7".to_owned(), 5, MAX_LEASE_SLOTS)));
+        // Off: one slot, whatever came before.
+        lease.grant("m".to_owned(), 3, t0 + LIFE);
+        assert_eq!(lease.renew(t0, false).0, 1);
+    }
+
+    #[test]
+    fn a_cleared_lease_has_no_slot_left() {
+        let t0 = Instant::now();
+        let mut lease = Lease::default();
+        lease.grant("m".to_owned(), 5, t0 + LIFE);
+        lease.clear();
+        assert!(!lease.take(t0));
     }
 }

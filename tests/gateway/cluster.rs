@@ -210,17 +210,55 @@ fn max_in_window_us(times: &mut [u64], span: u64) -> usize {
     best
 }
 
+/// A connection of the test's own to `redis`.
+async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis")
+}
+
+/// Sets the marker of `cluster`'s keys: Redis has kept its data, so windows with nothing on
+/// record start empty rather than spent.
+async fn mark_kept(
+    conn: &mut redis::aio::MultiplexedConnection,
+    cluster: &meetgate::cluster::Cluster,
+) {
+    let () = redis::cmd("SET")
+        .arg(cluster.key(&["alive"]))
+        .arg("1")
+        .query_async(conn)
+        .await
+        .expect("SET");
+}
+
+/// Now on the system clock, in µs, as Redis' `TIME` reads it (same machine).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as u64
+}
+
 /// The shared exact script against a real redis-server, three replicas interleaving random
-/// decisions: no window of any limit holds more than its N (by Redis' own admission times),
-/// and under a flood each window is used to the full N.
+/// decisions, some asking for leased slots and using them at random times within the lease
+/// (or giving them back): no window of any limit holds more than its N (by Redis' own
+/// admission times, and a leased slot's time of use), and under a flood each window is used
+/// to the full N. Cases 0 and 1 start as after Redis lost its data (windows spent); cases 2
+/// and 3 with Redis' data kept, windows empty, where the first decisions lease.
 #[tokio::test]
 async fn the_shared_exact_script_never_exceeds_n_and_uses_all_of_it() {
     use meetgate::cluster::{Cluster, ClusterConfig, ExactVerdict};
     use rand::Rng;
     let redis = RedisServer::start();
+    let life = Duration::from_millis(60);
     for case in 0..4u32 {
+        let leases = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let kept = case >= 2;
         let mut rng = rand::rng();
-        let n_short: u32 = rng.random_range(2..12);
+        // Kept data: room for a lease of 2 under half of either limit.
+        let n_short: u32 = rng.random_range(if kept { 4 } else { 2 }..12);
         let n_long: u32 = rng.random_range(n_short..40);
         let (short, long) = (Duration::from_millis(200), Duration::from_millis(700));
         let prefix = format!("p{case}x{}:", rand::random::<u32>());
@@ -231,9 +269,13 @@ async fn the_shared_exact_script_never_exceeds_n_and_uses_all_of_it() {
                     key_prefix: prefix.clone(),
                     max_replicas: std::num::NonZeroU32::new(3).expect("3"),
                     timeout: Duration::from_secs(2),
+                    lease: life,
                 })
             })
             .collect();
+        if kept {
+            mark_kept(&mut redis_conn(&redis).await, &replicas[0]).await;
+        }
         let limits = |c: &Cluster| {
             vec![
                 (c.key(&["b", "short"]), n_short, short),
@@ -244,16 +286,54 @@ async fn the_shared_exact_script_never_exceeds_n_and_uses_all_of_it() {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(2500);
         let mut tasks = Vec::new();
         for (r, cluster) in replicas.iter().enumerate() {
-            for _ in 0..3 {
+            for t in 0..3 {
                 let cluster = cluster.clone();
                 let admitted = admitted.clone();
+                let leases = leases.clone();
                 let limits = limits(&cluster);
+                let keys: Vec<String> = limits.iter().map(|(k, _, _)| k.clone()).collect();
                 let sparse = case % 2 == 1 && r == 0;
+                // The first task on each replica leases: one of them makes the first
+                // decision.
+                let leasing = t < 2;
                 tasks.push(tokio::spawn(async move {
                     while tokio::time::Instant::now() < deadline {
-                        match cluster.exact(&limits, long).await.expect("redis answers") {
-                            ExactVerdict::Admitted { at_us } => {
-                                admitted.lock().expect("lock").push(at_us)
+                        let member = cluster.member();
+                        let want = match (leasing, kept) {
+                            (false, _) => 1,
+                            (true, true) => rand::rng().random_range(2..=n_short / 2),
+                            (true, false) => rand::rng().random_range(1..=6),
+                        };
+                        let asked = now_us();
+                        match cluster
+                            .exact(&limits, long, &member, want)
+                            .await
+                            .expect("redis answers")
+                        {
+                            ExactVerdict::Admitted { at_us, leased } => {
+                                admitted.lock().expect("lock").push(at_us);
+                                assert!(leased < want, "at most what was asked for");
+                                if leased > 0 {
+                                    leases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                // Use some leased slots, each before the lease ends (its time
+                                // read first: the use happens no later), then give the rest
+                                // back.
+                                let mut next = 2;
+                                while next <= 1 + leased && rand::rng().random_bool(0.7) {
+                                    let pause = rand::rng().random_range(0..20);
+                                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                                    let at = now_us();
+                                    if at >= asked + life.as_micros() as u64 {
+                                        break;
+                                    }
+                                    admitted.lock().expect("lock").push(at);
+                                    next += 1;
+                                }
+                                cluster
+                                    .release(&keys, &member, next, 1 + leased)
+                                    .await
+                                    .expect("released");
                             }
                             // Wait as told, capped so replicas keep interleaving.
                             ExactVerdict::Wait(w) => {
@@ -292,7 +372,79 @@ async fn the_shared_exact_script_never_exceeds_n_and_uses_all_of_it() {
             tight.0, tight.1 as usize,
             "case {case}: the allowance was used"
         );
+        if kept {
+            assert!(
+                leases.load(std::sync::atomic::Ordering::Relaxed) > 0,
+                "case {case}: some decisions leased slots"
+            );
+        }
     }
+}
+
+/// A lease is granted only while every limit, with it, stays at or under half its N; leased
+/// slots count against N until given back.
+#[tokio::test]
+async fn the_exact_script_leases_only_under_half_of_n_and_takes_slots_back() {
+    use meetgate::cluster::{Cluster, ClusterConfig, ExactVerdict};
+    let redis = RedisServer::start();
+    let cluster = Cluster::new(ClusterConfig {
+        redis_url: secrecy::SecretString::from(redis.url()),
+        key_prefix: format!("l{}:", rand::random::<u32>()),
+        max_replicas: std::num::NonZeroU32::new(3).expect("3"),
+        timeout: Duration::from_secs(2),
+        lease: Duration::from_millis(100),
+    });
+    let span = Duration::from_secs(60);
+    let limits = vec![(cluster.key(&["b", "n"]), 10, span)];
+    let keys = vec![limits[0].0.clone()];
+    let decide = |want: u32| {
+        let (cluster, limits) = (cluster.clone(), limits.clone());
+        async move {
+            let member = cluster.member();
+            match cluster.exact(&limits, span, &member, want).await {
+                Ok(ExactVerdict::Admitted { leased, .. }) => (member, leased),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let conn = redis_conn(&redis).await;
+    mark_kept(&mut conn.clone(), &cluster).await;
+    let count = |mut conn: redis::aio::MultiplexedConnection| {
+        let key = keys[0].clone();
+        async move {
+            let n: u32 = redis::cmd("ZCARD")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("ZCARD");
+            n
+        }
+    };
+    // 1 + 7 would pass half of 10: one slot only.
+    assert_eq!(decide(8).await.1, 0);
+    // 1 + 3 more: 5 of 10.
+    let (member, leased) = decide(4).await;
+    assert_eq!(leased, 3);
+    assert_eq!(count(conn.clone()).await, 5);
+    // At half: no more leases.
+    assert_eq!(decide(2).await.1, 0);
+    assert_eq!(count(conn.clone()).await, 6);
+    // The unused slots given back free their share of N.
+    cluster
+        .release(&keys, &member, 3, 4)
+        .await
+        .expect("released");
+    assert_eq!(count(conn.clone()).await, 4);
+    // A lease of zero length asks for one slot and gets one.
+    let off = Cluster::new(ClusterConfig {
+        lease: Duration::ZERO,
+        ..cluster.config().clone()
+    });
+    let member = off.member();
+    assert!(matches!(
+        off.exact(&limits, span, &member, 1).await,
+        Ok(ExactVerdict::Admitted { leased: 0, .. })
+    ));
 }
 
 /// Two client connections to a gateway of two workers: connections are dealt to the workers
@@ -325,7 +477,11 @@ async fn each_worker_decides_on_its_own_redis_connection_without_falling_back() 
         GatewayOptions {
             top: "workers = 2".to_owned(),
             quota: NO_BINDING_QUOTA.to_owned(),
-            extra: cluster_toml(&redis, &prefix).replace("\"200ms\"", "\"2s\""),
+            // Leases off: every request decides on Redis, on its worker's connection.
+            extra: format!(
+                "{}lease = \"0s\"\n",
+                cluster_toml(&redis, &prefix).replace("\"200ms\"", "\"2s\"")
+            ),
             ..Default::default()
         },
     )
@@ -349,11 +505,7 @@ async fn each_worker_decides_on_its_own_redis_connection_without_falling_back() 
         0.0,
         "no decision fell back"
     );
-    let client = redis::Client::open(redis.url()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis_conn(&redis).await;
     let list: String = redis::cmd("CLIENT")
         .arg("LIST")
         .query_async(&mut conn)
@@ -433,4 +585,79 @@ async fn a_down_redis_is_retried_once_a_second_per_replica_not_per_request() {
         attempts <= bound && attempts < sent,
         "{attempts} connections for {sent} requests in {elapsed:.1} s (at most {bound})"
     );
+}
+
+/// The script calls Redis has run since the last `CONFIG RESETSTAT` (by hash, or in full the
+/// first time).
+async fn script_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Under half its quota a replica decides most requests on slots leased ahead, without a
+/// Redis round trip each, and every request is still served; with `lease = "0s"`, each
+/// request is one decision on Redis.
+#[tokio::test]
+async fn a_replica_under_half_its_quota_serves_most_requests_on_leased_slots() {
+    let redis = RedisServer::start();
+    let sim = default_sim().await;
+    let mut conn = redis_conn(&redis).await;
+    const REQUESTS: u64 = 100;
+    for (lease, most) in [("500ms", REQUESTS / 2), ("0s", REQUESTS)] {
+        let prefix = format!("lease{}:", rand::random::<u32>());
+        let gw = spawn_gateway(
+            &sim,
+            GatewayOptions {
+                quota: NO_BINDING_QUOTA.to_owned(),
+                extra: format!("{}lease = \"{lease}\"\n", cluster_toml(&redis, &prefix)),
+                ..Default::default()
+            },
+        )
+        .await;
+        // Signed in (its token on Redis) before counting.
+        assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+        let () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut conn)
+            .await
+            .expect("RESETSTAT");
+        for _ in 0..REQUESTS {
+            assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+        }
+        let calls = script_calls(&mut conn).await;
+        assert_eq!(
+            gw.metric("meetgate_cluster_fallback_decisions").await,
+            0.0,
+            "lease {lease}: no decision fell back"
+        );
+        // Every admission since the count began was a script call or a leased slot (the first
+        // request's decision, before it, leased nothing: a new bucket asks for one slot).
+        assert_eq!(
+            gw.metric("meetgate_cluster_leased_admissions").await,
+            (REQUESTS - calls) as f64,
+            "lease {lease}: the rest were admitted on leased slots"
+        );
+        if lease == "0s" {
+            assert_eq!(calls, REQUESTS, "one decision per request");
+        } else {
+            assert!(
+                calls <= most,
+                "lease {lease}: {calls} decisions on Redis for {REQUESTS} requests"
+            );
+        }
+    }
 }

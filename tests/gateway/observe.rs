@@ -453,6 +453,7 @@ fn the_dashboard_takes_its_datasource_from_a_variable_and_covers_the_gateway() {
         "meetgate_control_token_requests_total",
         "meetgate_cluster_degraded",
         "meetgate_cluster_fallback_decisions",
+        "meetgate_cluster_leased_admissions",
     ] {
         assert!(used.contains(family), "no panel shows {family}");
     }
