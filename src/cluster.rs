@@ -1,6 +1,7 @@
 //! Replicas sharing one quota and one token per identity through Redis: an atomic script per
-//! decision (the exact limiter's sorted sets, or GCRA), a token record with expiry, a sign-in
-//! lock, and a degraded mode (local fallbacks) while Redis is unreachable.
+//! decision (the exact limiter's sorted sets, with slots leased ahead and given back, or GCRA),
+//! a token record with expiry, a sign-in lock, and a degraded mode (local fallbacks) while
+//! Redis is unreachable.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,7 +112,7 @@ return {1, 0}
 
 /// The exact limiter over every limit of one bucket, in one atomic step, on Redis' clock: per
 /// limit a sorted set of admission times (µs), trimmed to the last span, capped at its limit,
-/// expiring a second after its span. KEYS: per limit its set and its "spent" marker, then the
+/// expiring a second after its span and the lease. KEYS: per limit its set and its "spent" marker, then the
 /// "alive" marker. ARGV: per limit its N and span (µs), then `drain` (1: a limit with no
 /// admissions on record counts as spent, its window used evenly up to now, so no replica gets
 /// a fresh burst after Redis lost its data or after this one was falling back), then a member

@@ -360,14 +360,19 @@ fn a_cluster_lease_is_50ms_by_default_may_be_off_and_is_refused_above_500ms() {
         of(lease("lease = \"500ms\"").expect("valid")),
         Duration::from_millis(500)
     );
-    for bad in ["\"501ms\"", "\"soon\""] {
+    for (bad, why) in [
+        ("\"501ms\"", "at most 500ms"),
+        ("\"2years\"", "at most 500ms"),
+        ("\"soon\"", "not a duration"),
+    ] {
         let problems = lease(&format!("lease = {bad}"))
             .expect_err("invalid")
             .problems();
+        assert_eq!(problems.len(), 1, "one problem for {bad}: {problems:?}");
         assert!(
-            problems
-                .iter()
-                .any(|p| p.starts_with("cluster.lease") && p.contains(bad)),
+            problems[0].starts_with("cluster.lease")
+                && problems[0].contains(bad)
+                && problems[0].contains(why),
             "{bad}: {problems:?}"
         );
     }

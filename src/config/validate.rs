@@ -672,18 +672,21 @@ fn validate_clients(
 fn validate_cluster(c: &mut Checker, cl: RawCluster) -> Option<ClusterConfig> {
     let timeout = c.duration("cluster.timeout", cl.timeout.as_deref(), "250ms");
     let max_replicas = non_zero(c, "cluster.max_replicas", cl.max_replicas, 10);
-    // "0s" turns leases off: one Redis decision per request.
-    let lease = match cl.lease.as_deref() {
-        Some(text) if humantime::parse_duration(text).is_ok_and(|d| d.is_zero()) => Duration::ZERO,
-        text => c.duration("cluster.lease", text, "50ms"),
+    // Zero is a setting here ("0s": no leases, one Redis decision per request), which the
+    // general duration check refuses. One problem per bad value.
+    let lease_text = cl.lease.as_deref();
+    let lease = match lease_text.map(humantime::parse_duration) {
+        Some(Ok(d)) if d.is_zero() => Duration::ZERO,
+        Some(Ok(d)) if d > MAX_LEASE => {
+            c.problem(
+                "cluster.lease",
+                quoted(lease_text.unwrap_or_default()),
+                "must be at most 500ms (or \"0s\" for no leases)",
+            );
+            MAX_LEASE
+        }
+        _ => c.duration("cluster.lease", lease_text, "50ms"),
     };
-    if lease > MAX_LEASE {
-        c.problem(
-            "cluster.lease",
-            quoted(cl.lease.as_deref().unwrap_or_default()),
-            "must be at most 500ms (or \"0s\" for no leases)",
-        );
-    }
     let key_prefix = cl.key_prefix.unwrap_or_else(|| "meetgate:".to_owned());
     // Absent means single-instance mode.
     let url = cl.redis_url?;

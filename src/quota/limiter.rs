@@ -72,7 +72,8 @@ impl Limit {
     /// A replica's fallback share of a limit, entered when the shared store stops answering.
     /// The exact limiter's share starts blocked for a window: what the other replicas
     /// admitted in the window is not known here, and may have been all of it, so only once a
-    /// window has passed can the shares (which together make N) be used safely. GCRA starts
+    /// window has passed can the shares (which together make N) be used safely; `hold` more
+    /// for slots other replicas leased before the failure and may still use. GCRA starts
     /// spent, as always.
     pub(super) fn fallback(
         spec: LimitSpec,
@@ -80,12 +81,13 @@ impl Limit {
         clock: &DefaultClock,
         origin: Instant,
         now: Instant,
+        hold: Duration,
     ) -> Limit {
         let mut limit = Limit::new(spec, params, clock, origin, now, false);
         if let (Engine::Exact { ring, .. }, LimitParams::Exact { span, .. }) =
             (&mut limit.engine, params)
         {
-            *ring = Ring::blocked(spec.limit.get(), nanos(origin, now + span));
+            *ring = Ring::blocked(spec.limit.get(), nanos(origin, now + span + hold));
         }
         limit
     }

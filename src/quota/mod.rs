@@ -148,6 +148,8 @@ impl QuotaManager {
             limits.sort_by_key(|l| l.spec.window);
             state.limits = limits;
             state.fallback.clear();
+            // Leased under the old limits: the new ones decide from the next request on.
+            state.lease.clear();
         }
         self.cfg.store(Arc::new(cfg));
     }

@@ -230,6 +230,8 @@ impl QuotaManager {
                         Limit::new(spec, params, &self.clock, bucket.born, now, false);
                     let old = std::mem::replace(limit, placeholder);
                     *limit = Limit::rebuilt(old, spec, params, &self.clock, bucket.born, now);
+                    // Slots leased under the higher limit are not used under the lower one.
+                    state.lease.clear();
                 }
             }
         }

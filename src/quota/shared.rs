@@ -19,7 +19,7 @@ use crate::cluster::{Cluster, ExactVerdict, MAX_LEASE_SLOTS};
 /// when a lease runs out before it ends, else what the last one served. At a rate below one
 /// request per lease it stays at one slot, a decision per request.
 #[derive(Default)]
-pub(crate) struct Lease {
+pub(super) struct Lease {
     /// The decision's member; its leased slots are `<member>:<j>`.
     member: String,
     /// The next leased slot to use, and the last one granted (`next > last`: none left).
@@ -47,7 +47,7 @@ impl Lease {
     /// unused slots to give back (`<member>:<from>`..=`<to>`) if it ended with some.
     fn renew(&mut self, now: Instant, enabled: bool) -> (u32, Option<(String, u32, u32)>) {
         let live = self.until.is_some_and(|u| now < u);
-        let unused = self.next <= self.last;
+        let unused = self.until.is_some() && self.next <= self.last;
         let size = self.size.max(1);
         self.size = if !enabled {
             1
@@ -75,8 +75,9 @@ impl Lease {
         self.until = Some(until);
     }
 
-    /// Drops the lease without using it (Redis failed, or shared mode is resuming).
-    fn clear(&mut self) {
+    /// Drops the lease without using it: Redis failed (its slots cannot be given back then), or
+    /// the limits changed (they age out with their window).
+    pub(super) fn clear(&mut self) {
         self.until = None;
         self.next = 0;
         self.last = 0;
@@ -96,7 +97,7 @@ impl Bucket {
     /// replica is degraded (its fallback share counts admissions then), and only with this
     /// bucket's local paces free.
     pub(super) fn try_admit_leased(&self, now: Instant, cluster: &Cluster) -> bool {
-        if cluster.is_degraded() {
+        if cluster.config().lease.is_zero() || cluster.is_degraded() {
             return false;
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -118,12 +119,15 @@ impl Bucket {
 
     /// Local fallback while the shared store is unreachable: this replica's share
     /// (1/`max_replicas`) of every limit.
+    /// Its exact limits start blocked for a span and `hold` more: other replicas may still use
+    /// slots leased before the failure for up to their lease.
     pub(super) fn try_admit_fallback(
         &self,
         now: Instant,
         clock: &DefaultClock,
         margin: Duration,
         replicas: u32,
+        hold: Duration,
     ) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Self::precheck(&mut state, now)?;
@@ -133,7 +137,7 @@ impl Bucket {
                 .iter()
                 .map(|l| {
                     let (spec, params) = fallback_share(l.spec, l.params, margin, replicas);
-                    Limit::fallback(spec, params, clock, self.born, now)
+                    Limit::fallback(spec, params, clock, self.born, now, hold)
                 })
                 .collect();
         }
@@ -201,7 +205,6 @@ impl QuotaManager {
             let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
             Bucket::precheck(&mut state, now)?;
             if resuming {
-                state.lease.clear();
                 let wait = Bucket::exact_wait(&state.fallback, bucket.born, now);
                 if !wait.is_zero() {
                     return Err(wait);
@@ -225,21 +228,28 @@ impl QuotaManager {
                 let _ = cluster.release(&keys, &member, from, to).await;
             });
         }
-        let member = cluster.member();
-        let verdict =
-            match &limits {
-                SharedLimits::Exact(limits) => cluster
-                    .exact(limits, longest, &member, want)
-                    .await
-                    .map(|v| match v {
-                        ExactVerdict::Admitted { leased, .. } => Ok(leased),
-                        ExactVerdict::Wait(wait) => Err(wait),
-                    }),
-                SharedLimits::Gcra(limits) => cluster
+        let (verdict, member) = match &limits {
+            SharedLimits::Exact(limits) => {
+                let member = cluster.member();
+                let verdict =
+                    cluster
+                        .exact(limits, longest, &member, want)
+                        .await
+                        .map(|v| match v {
+                            ExactVerdict::Admitted { leased, .. } => Ok(leased),
+                            ExactVerdict::Wait(wait) => Err(wait),
+                        });
+                (verdict, member)
+            }
+            // GCRA leases nothing.
+            SharedLimits::Gcra(limits) => (
+                cluster
                     .gcra(limits, longest)
                     .await
                     .map(|v| v.map_or(Ok(0), Err)),
-            };
+                String::new(),
+            ),
+        };
         // The decision took a Redis round trip, or a timeout, or a wait for the connection
         // another request is making: what is booked locally from here happens now, not when
         // this call began. (Booked at the earlier time, a fallback window would end early by
@@ -253,7 +263,7 @@ impl QuotaManager {
                 } else {
                     state.fallback.clear();
                 }
-                if lease_on && !resuming {
+                if lease_on && !resuming && matches!(limits, SharedLimits::Exact(_)) {
                     // Timed from before the call: Redis booked the slots at its now + life,
                     // later. Held even with no slot leased, to see how soon the next comes.
                     state
@@ -279,6 +289,7 @@ impl QuotaManager {
                     &self.clock,
                     cfg.safety_margin,
                     cluster.config().max_replicas.get(),
+                    cluster.config().lease,
                 )
             }
         }
@@ -331,6 +342,84 @@ mod tests {
         // Off: one slot, whatever came before.
         lease.grant("m".to_owned(), 3, t0 + LIFE);
         assert_eq!(lease.renew(t0, false).0, 1);
+    }
+
+    #[test]
+    fn a_new_or_cleared_lease_gives_nothing_back() {
+        let t0 = Instant::now();
+        let mut lease = Lease::default();
+        assert_eq!(lease.renew(t0, true), (1, None));
+        assert_eq!(lease.renew(t0, false), (1, None));
+        lease.grant("m".to_owned(), 5, t0 + LIFE);
+        lease.clear();
+        assert_eq!(lease.renew(t0, true).1, None);
+        // Renewed once, a lease that ended is gone: nothing to give back twice.
+        lease.grant("m".to_owned(), 5, t0 + LIFE);
+        assert!(lease.renew(t0 + LIFE, true).1.is_some());
+        assert_eq!(lease.renew(t0 + LIFE, true).1, None);
+    }
+
+    /// Slots leased under the old limits are not used after a reload.
+    #[test]
+    fn a_reload_ends_the_lease() {
+        use crate::operations::OperationId;
+        use crate::quota::{BucketKey, QuotaAlgorithm};
+        let cfg = |n| {
+            QuotaConfig::uniform(
+                QuotaAlgorithm::Exact,
+                n,
+                Duration::from_secs(60),
+                n,
+                Duration::from_secs(1),
+                None,
+            )
+        };
+        let mgr = QuotaManager::new(cfg(100));
+        let bucket = mgr.bucket(&BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        });
+        let t0 = Instant::now();
+        bucket
+            .state
+            .lock()
+            .expect("lock")
+            .lease
+            .grant("m".to_owned(), 5, t0 + LIFE);
+        mgr.reconfigure(cfg(10));
+        assert!(!bucket.state.lock().expect("lock").lease.take(t0));
+    }
+
+    /// Falling back, the exact share starts blocked for a span and the lease other replicas
+    /// may still be using.
+    #[test]
+    fn the_fallback_share_waits_a_span_and_a_lease() {
+        use crate::operations::OperationId;
+        use crate::quota::{BucketKey, QuotaAlgorithm};
+        let mgr = QuotaManager::new(QuotaConfig::uniform(
+            QuotaAlgorithm::Exact,
+            100,
+            Duration::from_secs(60),
+            200,
+            Duration::from_secs(1),
+            None,
+        ));
+        let margin = mgr.config().safety_margin;
+        let span = Duration::from_secs(60) + margin;
+        for hold in [Duration::ZERO, LIFE] {
+            let bucket = mgr.bucket(&BucketKey {
+                op: OperationId::from_index(0),
+                app: Some(format!("app-{}", hold.as_millis()).into()),
+                user: None,
+            });
+            let now = Instant::now();
+            let wait = bucket
+                .try_admit_fallback(now, &DefaultClock::default(), margin, 3, hold)
+                .expect_err("blocked at first");
+            assert!(wait >= span + hold, "{wait:?} for a hold of {hold:?}");
+            assert!(wait <= span + hold + Duration::from_millis(1), "{wait:?}");
+        }
     }
 
     #[test]
