@@ -198,9 +198,9 @@ impl QuotaManager {
         // counting what it admitted while falling back: the other replicas' fallback
         // admissions are not in Redis, and together the shares stay within the limit.
         let resuming = cluster.recently_resumed(longest);
+        let lease_on = !cluster.config().lease.is_zero();
         // A configured burst paces each replica's own admissions: its slot is taken here and
         // given back if the shared store refuses.
-        let lease_on = !cluster.config().lease.is_zero();
         let (paces, want, give_back) = {
             let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
             Bucket::precheck(&mut state, now)?;
