@@ -112,17 +112,17 @@ return {1, 0}
 
 /// The exact limiter over every limit of one bucket, in one atomic step, on Redis' clock: per
 /// limit a sorted set of admission times (µs), trimmed to the last span, capped at its limit,
-/// expiring a second after its span and the lease. KEYS: per limit its set and its "spent" marker, then the
-/// "alive" marker. ARGV: per limit its N and span (µs), then `drain` (1: a limit with no
-/// admissions on record counts as spent, its window used evenly up to now, so no replica gets
-/// a fresh burst after Redis lost its data or after this one was falling back), then a member
-/// id unique to this decision, then `want` (slots asked for: this request's and leased ones)
-/// and the lease's life (µs). A lease is granted only while every limit, with it, stays at or
-/// under half its N; otherwise one slot. Leased slots are booked at now + life, the latest
-/// they can be used, as members `<member>:2`..`<member>:<granted>`: each counts from now until
-/// its latest use's window has passed, never less than an admission at its use would.
-/// Returns {1, 0, now_us, granted} when admitted (every set updated) or {0, wait_us, now_us, 0}
-/// (nothing updated).
+/// expiring a second after its span and the lease. KEYS: per limit its set and its "spent"
+/// marker, then the "alive" marker. ARGV: per limit its N and span (µs), then `drain` (1: a
+/// limit with no admissions on record counts as spent, its window used evenly up to now, so no
+/// replica gets a fresh burst after Redis lost its data or after this one was falling back),
+/// then a member id unique to this decision, then `want` (slots asked for: this request's and
+/// leased ones) and the lease's life (µs). A lease is granted only while every limit, with it,
+/// stays at or under half its N; otherwise one slot. Leased slots are booked at now + life,
+/// the latest they can be used, as members `<member>:2`..`<member>:<granted>`: each counts
+/// from now until its latest use's window has passed, never less than an admission at its use
+/// would. Returns {1, 0, now_us, granted} when admitted (every set updated) or
+/// {0, wait_us, now_us, 0} (nothing updated).
 const EXACT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])

@@ -123,9 +123,14 @@ impl QuotaManager {
             let wanted = cfg.limits_for(bucket.op);
             let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
             let mut limits = Vec::with_capacity(wanted.len());
+            let mut changed = false;
             for (spec, params) in wanted {
                 let old = state.limits.iter().position(|l| l.spec.kind == spec.kind);
-                match old.map(|i| state.limits.swap_remove(i)) {
+                let old = old.map(|i| state.limits.swap_remove(i));
+                changed |= !old
+                    .as_ref()
+                    .is_some_and(|l| l.spec == spec && l.params == params);
+                match old {
                     Some(l) if l.spec == spec && l.params == params => limits.push(l),
                     Some(l) => limits.push(Limit::rebuilt(
                         l,
@@ -145,11 +150,15 @@ impl QuotaManager {
                     )),
                 }
             }
+            // A kind no longer configured is left over.
+            changed |= !state.limits.is_empty();
             limits.sort_by_key(|l| l.spec.window);
             state.limits = limits;
             state.fallback.clear();
-            // Leased under the old limits: the new ones decide from the next request on.
-            state.lease.clear();
+            if changed {
+                // Leased under the old limits: the new ones decide from the next request on.
+                state.end_lease();
+            }
         }
         self.cfg.store(Arc::new(cfg));
     }
@@ -200,6 +209,7 @@ impl QuotaManager {
                 limits,
                 fallback: Vec::new(),
                 lease: Default::default(),
+                limits_epoch: 0,
                 hold_until: None,
                 in_flight: 0,
             }),

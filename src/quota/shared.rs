@@ -95,7 +95,9 @@ pub(super) enum SharedLimits {
 impl Bucket {
     /// Admits on a leased slot, if this bucket holds one: no Redis round trip. Not while the
     /// replica is degraded (its fallback share counts admissions then), and only with this
-    /// bucket's local paces free.
+    /// bucket's local paces free. Not while resuming either, by time: no lease is granted
+    /// then, and one granted before the failure ended (`MAX_LEASE`, 500 ms) before shared mode
+    /// could resume (a second without failures).
     pub(super) fn try_admit_leased(&self, now: Instant, cluster: &Cluster) -> bool {
         if cluster.config().lease.is_zero() || cluster.is_degraded() {
             return false;
@@ -183,6 +185,22 @@ impl Bucket {
     }
 }
 
+/// Gives leased slots `<member>:<from>..=<to>` back to Redis, off the request's path. If Redis
+/// does not answer, they age out with their window.
+fn release(
+    cluster: &Arc<Cluster>,
+    limits: &[(String, u32, Duration)],
+    member: String,
+    from: u32,
+    to: u32,
+) {
+    let keys: Vec<String> = limits.iter().map(|(k, _, _)| k.clone()).collect();
+    let cluster = cluster.clone();
+    tokio::spawn(async move {
+        let _ = cluster.release(&keys, &member, from, to).await;
+    });
+}
+
 impl QuotaManager {
     /// One decision through the shared store, or the local fallback when it is unreachable.
     pub(super) async fn admit_shared(
@@ -201,7 +219,7 @@ impl QuotaManager {
         let lease_on = !cluster.config().lease.is_zero();
         // A configured burst paces each replica's own admissions: its slot is taken here and
         // given back if the shared store refuses.
-        let (paces, want, give_back) = {
+        let (paces, want, give_back, epoch) = {
             let mut state = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
             Bucket::precheck(&mut state, now)?;
             if resuming {
@@ -217,16 +235,11 @@ impl QuotaManager {
                 return Ok(());
             }
             let (want, give_back) = state.lease.renew(now, lease_on && !resuming);
-            (paces, want, give_back)
+            (paces, want, give_back, state.limits_epoch)
         };
         let limits = bucket.shared_limits(cluster);
         if let (Some((member, from, to)), SharedLimits::Exact(l)) = (give_back, &limits) {
-            let keys: Vec<String> = l.iter().map(|(k, _, _)| k.clone()).collect();
-            let cluster = cluster.clone();
-            tokio::spawn(async move {
-                // A failure is already counted as one; the slots then age out on their own.
-                let _ = cluster.release(&keys, &member, from, to).await;
-            });
+            release(cluster, l, member, from, to);
         }
         let (verdict, member) = match &limits {
             SharedLimits::Exact(limits) => {
@@ -263,7 +276,12 @@ impl QuotaManager {
                 } else {
                     state.fallback.clear();
                 }
-                if lease_on && !resuming && matches!(limits, SharedLimits::Exact(_)) {
+                if state.limits_epoch != epoch {
+                    // Sized under limits changed since: given back, not used.
+                    if let (true, SharedLimits::Exact(l)) = (leased > 0, &limits) {
+                        release(cluster, l, member, 2, 1 + leased);
+                    }
+                } else if lease_on && !resuming && matches!(limits, SharedLimits::Exact(_)) {
                     // Timed from before the call: Redis booked the slots at its now + life,
                     // later. Held even with no slot leased, to see how soon the next comes.
                     state
@@ -299,6 +317,10 @@ impl QuotaManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::ClusterConfig;
+    use crate::operations::OperationId;
+    use crate::quota::tests::one_bucket;
+    use crate::quota::{BucketKey, LimitKind, QuotaAlgorithm, RateLimitReport};
 
     const LIFE: Duration = Duration::from_millis(50);
 
@@ -362,8 +384,6 @@ mod tests {
     /// Slots leased under the old limits are not used after a reload.
     #[test]
     fn a_reload_ends_the_lease() {
-        use crate::operations::OperationId;
-        use crate::quota::{BucketKey, QuotaAlgorithm};
         let cfg = |n| {
             QuotaConfig::uniform(
                 QuotaAlgorithm::Exact,
@@ -374,45 +394,27 @@ mod tests {
                 None,
             )
         };
-        let mgr = QuotaManager::new(cfg(100));
-        let bucket = mgr.bucket(&BucketKey {
-            op: OperationId::from_index(0),
-            app: None,
-            user: None,
-        });
+        let (mgr, bucket) = one_bucket(QuotaAlgorithm::Exact, 100, 60, 100, 1, None);
         let t0 = Instant::now();
-        bucket
-            .state
-            .lock()
-            .expect("lock")
-            .lease
-            .grant("m".to_owned(), 5, t0 + LIFE);
-        mgr.reconfigure(cfg(10));
-        assert!(!bucket.state.lock().expect("lock").lease.take(t0));
+        // Leases, reloads with the limits changed then the same: a slot left after each?
+        for (n, kept) in [(10, false), (10, true)] {
+            let mut state = bucket.state.lock().expect("lock");
+            state.lease.grant("m".to_owned(), 5, t0 + LIFE);
+            drop(state);
+            mgr.reconfigure(cfg(n));
+            let left = bucket.state.lock().expect("lock").lease.take(t0);
+            assert_eq!(left, kept, "reloaded to {n}");
+        }
     }
 
     /// Falling back, the exact share starts blocked for a span and the lease other replicas
     /// may still be using.
     #[test]
     fn the_fallback_share_waits_a_span_and_a_lease() {
-        use crate::operations::OperationId;
-        use crate::quota::{BucketKey, QuotaAlgorithm};
-        let mgr = QuotaManager::new(QuotaConfig::uniform(
-            QuotaAlgorithm::Exact,
-            100,
-            Duration::from_secs(60),
-            200,
-            Duration::from_secs(1),
-            None,
-        ));
-        let margin = mgr.config().safety_margin;
-        let span = Duration::from_secs(60) + margin;
         for hold in [Duration::ZERO, LIFE] {
-            let bucket = mgr.bucket(&BucketKey {
-                op: OperationId::from_index(0),
-                app: Some(format!("app-{}", hold.as_millis()).into()),
-                user: None,
-            });
+            let (mgr, bucket) = one_bucket(QuotaAlgorithm::Exact, 100, 60, 200, 1, None);
+            let margin = mgr.config().safety_margin;
+            let span = Duration::from_secs(60) + margin;
             let now = Instant::now();
             let wait = bucket
                 .try_admit_fallback(now, &DefaultClock::default(), margin, 3, hold)
@@ -420,6 +422,62 @@ mod tests {
             assert!(wait >= span + hold, "{wait:?} for a hold of {hold:?}");
             assert!(wait <= span + hold + Duration::from_millis(1), "{wait:?}");
         }
+    }
+
+    /// A replica whose Redis does not answer falls back with its exact share blocked for a
+    /// span and its configured lease.
+    #[tokio::test]
+    async fn a_decision_redis_cannot_make_falls_back_blocked_for_a_span_and_a_lease() {
+        let lease = Duration::from_millis(300);
+        let cluster = Cluster::new(ClusterConfig {
+            // No client can be made: every call fails at once.
+            redis_url: secrecy::SecretString::from("not a url"),
+            key_prefix: "t:".to_owned(),
+            max_replicas: std::num::NonZeroU32::new(3).expect("3"),
+            timeout: Duration::from_millis(100),
+            lease,
+        });
+        let cfg = QuotaConfig::uniform(
+            QuotaAlgorithm::Exact,
+            100,
+            Duration::from_secs(60),
+            200,
+            Duration::from_secs(1),
+            None,
+        );
+        let span = Duration::from_secs(60) + cfg.safety_margin;
+        let mgr = QuotaManager::with_cluster(cfg.clone(), Some(cluster.clone()));
+        let bucket = mgr.bucket(&BucketKey {
+            op: OperationId::from_index(0),
+            app: None,
+            user: None,
+        });
+        let wait = mgr
+            .admit_shared(&bucket, &cluster, Instant::now(), &cfg)
+            .await
+            .expect_err("blocked at first");
+        assert!(wait >= span + lease - Duration::from_millis(5), "{wait:?}");
+    }
+
+    /// A lower limit the upstream reports ends the lease held under the higher one.
+    #[test]
+    fn a_lower_reported_limit_ends_the_lease() {
+        let (mgr, bucket) = one_bucket(QuotaAlgorithm::Exact, 100, 60, 200, 1, None);
+        let t0 = Instant::now();
+        let mut state = bucket.state.lock().expect("lock");
+        state.lease.grant("m".to_owned(), 5, t0 + LIFE);
+        let epoch = state.limits_epoch;
+        let report = RateLimitReport {
+            remain: None,
+            limit: Some(10),
+            window: None,
+        };
+        mgr.apply_report(&bucket, &mut state, LimitKind::PerApi, report, t0);
+        assert!(!state.lease.take(t0));
+        assert_ne!(
+            state.limits_epoch, epoch,
+            "a decision on its way leases nothing"
+        );
     }
 
     #[test]

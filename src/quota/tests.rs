@@ -16,7 +16,7 @@ fn nz(n: u32) -> NonZeroU32 {
 
 /// A manager whose limits are N per W (per API) and N per W (all environments), burst b,
 /// and its bucket for the first operation.
-fn one_bucket(
+pub(super) fn one_bucket(
     algorithm: QuotaAlgorithm,
     per_api: u32,
     per_api_s: u64,
