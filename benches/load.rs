@@ -10,7 +10,8 @@
 //! e.g. the last commit's, as `mg-baseline`), `LOAD_MEETGATE=BINARY` (run that build instead
 //! of Cargo's for the layer variants, e.g. `target/pgo/meetgate`), `LOAD_PERF_OUT=FILE`
 //! (`perf record` meetgate, or the variant named by `LOAD_PERF_TARGET`, in one extra,
-//! unreported run at 16 connections, or the first connection count given, after the rounds).
+//! unreported run at 16 connections, or the first connection count given, after the rounds;
+//! `LOAD_PERF_TOOL=strace` counts its system calls with `strace -c` instead).
 //!
 //! The target set: `LOAD_UPSTREAM=http1` (the simulator offers only HTTP/1.1 in ALPN),
 //! `LOAD_LOG=json` (meetgate's and nginx's access logs as JSON), `LOAD_INBOUND=tls|h2c|h2`
@@ -1350,14 +1351,33 @@ fn print_table(results: &Results, targets: &[String], c: usize, rounds: usize) {
 
 // ---------------------------------------------------------------------------------------------
 
-/// `perf record` of one process for the length of one run, when `LOAD_PERF_OUT` asks for it.
+/// `perf record` of one process for the length of one run, when `LOAD_PERF_OUT` asks for it;
+/// with `LOAD_PERF_TOOL=strace`, `strace -c` of it and its children (nginx's workers) instead:
+/// system calls counted by kind.
 struct Perf(Option<Child>);
 
 impl Perf {
     fn start(out: Option<&str>, pid: u32) -> Perf {
         let Some(out) = out else { return Perf(None) };
-        let child = Command::new("perf")
-            .args([
+        let strace = std::env::var("LOAD_PERF_TOOL").as_deref() == Ok("strace");
+        let mut cmd = if strace {
+            let children = Command::new("pgrep")
+                .arg("-P")
+                .arg(pid.to_string())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let mut cmd = Command::new("strace");
+            cmd.args(["-c", "-f", "-o", out]);
+            for p in std::iter::once(pid.to_string())
+                .chain(children.split_whitespace().map(String::from))
+            {
+                cmd.arg("-p").arg(p);
+            }
+            cmd
+        } else {
+            let mut cmd = Command::new("perf");
+            cmd.args([
                 "record",
                 "-F",
                 "999",
@@ -1367,18 +1387,19 @@ impl Perf {
                 out,
             ])
             .arg("-p")
-            .arg(pid.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+            .arg(pid.to_string());
+            cmd
+        };
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         match child {
             Ok(c) => {
-                // perf needs a moment to attach before the run starts.
+                // perf and strace need a moment to attach before the run starts.
                 std::thread::sleep(Duration::from_millis(500));
                 Perf(Some(c))
             }
             Err(e) => {
-                eprintln!("LOAD_PERF_OUT: cannot run perf: {e}");
+                let tool = if strace { "strace" } else { "perf" };
+                eprintln!("LOAD_PERF_OUT: cannot run {tool}: {e}");
                 Perf(None)
             }
         }
