@@ -33,22 +33,11 @@ pub(super) struct BucketState {
     pub(super) fallback: Vec<Limit>,
     /// Slots the shared store reserved ahead for this replica (shared mode, exact limiter).
     pub(super) lease: Lease,
-    /// Moved on whenever the limits change (a reload, a lower limit the upstream reported): a
-    /// decision on Redis that was on its way then leases nothing from its answer.
-    pub(super) limits_epoch: u64,
     pub(super) hold_until: Option<Instant>,
     /// Admitted requests not finished yet. Kept under the lock the admission and the
     /// response's report take anyway: as an atomic of its own it was two more writes per
     /// request to memory every worker shares.
     pub(super) in_flight: usize,
-}
-
-impl BucketState {
-    /// The limits changed: the lease held is dropped and one on its way will not be granted.
-    pub(super) fn end_lease(&mut self) {
-        self.lease.clear();
-        self.limits_epoch += 1;
-    }
 }
 
 /// One bucket: the limits of one operation for one scope key (app, user or the gateway).

@@ -157,7 +157,7 @@ impl QuotaManager {
             state.fallback.clear();
             if changed {
                 // Leased under the old limits: the new ones decide from the next request on.
-                state.end_lease();
+                state.lease.end();
             }
         }
         self.cfg.store(Arc::new(cfg));
@@ -209,7 +209,6 @@ impl QuotaManager {
                 limits,
                 fallback: Vec::new(),
                 lease: Default::default(),
-                limits_epoch: 0,
                 hold_until: None,
                 in_flight: 0,
             }),

@@ -231,8 +231,7 @@ impl QuotaManager {
                     let old = std::mem::replace(limit, placeholder);
                     *limit = Limit::rebuilt(old, spec, params, &self.clock, bucket.born, now);
                     // Slots leased under the higher limit are not used under the lower one.
-                    state.lease.clear();
-                    state.limits_epoch += 1;
+                    state.lease.end();
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use governor::clock::DefaultClock;
 
-use super::bucket::Bucket;
+use super::bucket::{Bucket, BucketState};
 use super::limit::{fallback_share, LimitParams};
 use super::limiter::Limit;
 use super::{QuotaConfig, QuotaManager};
@@ -29,18 +29,22 @@ pub(super) struct Lease {
     until: Option<Instant>,
     /// Slots to ask for next, at least 1.
     size: u32,
+    /// Moved on whenever the limits change (a reload, a lower limit the upstream reported): a
+    /// decision on Redis that was on its way then leases nothing from its answer.
+    epoch: u64,
 }
 
 impl Lease {
+    /// Whether a leased slot is left and the lease has not ended.
+    fn available(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u) && self.next <= self.last
+    }
+
     /// One leased slot, if one is left and the lease has not ended.
     fn take(&mut self, now: Instant) -> bool {
-        let live = self.until.is_some_and(|u| now < u);
-        if live && self.next <= self.last {
-            self.next += 1;
-            true
-        } else {
-            false
-        }
+        let available = self.available(now);
+        self.next += u32::from(available);
+        available
     }
 
     /// Ends this lease before a new decision at `now`: how many slots to ask for, and the
@@ -61,9 +65,7 @@ impl Lease {
             size
         };
         let give_back = unused.then(|| (std::mem::take(&mut self.member), self.next, self.last));
-        self.until = None;
-        self.next = 0;
-        self.last = 0;
+        self.clear();
         (self.size, give_back)
     }
 
@@ -81,6 +83,12 @@ impl Lease {
         self.until = None;
         self.next = 0;
         self.last = 0;
+    }
+
+    /// The limits changed: the lease held is dropped and one on its way will not be granted.
+    pub(super) fn end(&mut self) {
+        self.clear();
+        self.epoch += 1;
     }
 }
 
@@ -103,20 +111,20 @@ impl Bucket {
             return false;
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.lease.until.is_none_or(|u| now >= u) || state.lease.next > state.lease.last {
-            return false;
-        }
-        if Self::precheck(&mut state, now).is_err() {
-            return false;
-        }
-        if Self::take_paces(&state.limits).is_err() {
-            return false;
-        }
+        state.lease.available(now)
+            && Self::precheck(&mut state, now).is_ok()
+            && Self::take_paces(&state.limits).is_ok()
+            && self.take_leased(&mut state, now, cluster)
+    }
+
+    /// Admits on a leased slot if one is left, counting it.
+    fn take_leased(&self, state: &mut BucketState, now: Instant, cluster: &Cluster) -> bool {
         let took = state.lease.take(now);
-        debug_assert!(took, "checked above under the same lock");
-        self.record(&mut state, now);
-        cluster.leased.fetch_add(1, Ordering::Relaxed);
-        true
+        if took {
+            self.record(state, now);
+            cluster.leased.fetch_add(1, Ordering::Relaxed);
+        }
+        took
     }
 
     /// Local fallback while the shared store is unreachable: this replica's share
@@ -229,13 +237,11 @@ impl QuotaManager {
                 }
             }
             let paces = Bucket::take_paces(&state.limits)?;
-            if !resuming && state.lease.take(now) {
-                bucket.record(&mut state, now);
-                cluster.leased.fetch_add(1, Ordering::Relaxed);
+            if !resuming && bucket.take_leased(&mut state, now, cluster) {
                 return Ok(());
             }
             let (want, give_back) = state.lease.renew(now, lease_on && !resuming);
-            (paces, want, give_back, state.limits_epoch)
+            (paces, want, give_back, state.lease.epoch)
         };
         let limits = bucket.shared_limits(cluster);
         if let (Some((member, from, to)), SharedLimits::Exact(l)) = (give_back, &limits) {
@@ -276,10 +282,13 @@ impl QuotaManager {
                 } else {
                     state.fallback.clear();
                 }
-                if state.limits_epoch != epoch {
+                if state.lease.epoch != epoch {
                     // Sized under limits changed since: given back, not used.
-                    if let (true, SharedLimits::Exact(l)) = (leased > 0, &limits) {
-                        release(cluster, l, member, 2, 1 + leased);
+                    match &limits {
+                        SharedLimits::Exact(l) if leased > 0 => {
+                            release(cluster, l, member, 2, 1 + leased)
+                        }
+                        _ => {}
                     }
                 } else if lease_on && !resuming && matches!(limits, SharedLimits::Exact(_)) {
                     // Timed from before the call: Redis booked the slots at its now + life,
@@ -466,7 +475,7 @@ mod tests {
         let t0 = Instant::now();
         let mut state = bucket.state.lock().expect("lock");
         state.lease.grant("m".to_owned(), 5, t0 + LIFE);
-        let epoch = state.limits_epoch;
+        let epoch = state.lease.epoch;
         let report = RateLimitReport {
             remain: None,
             limit: Some(10),
@@ -475,7 +484,7 @@ mod tests {
         mgr.apply_report(&bucket, &mut state, LimitKind::PerApi, report, t0);
         assert!(!state.lease.take(t0));
         assert_ne!(
-            state.limits_epoch, epoch,
+            state.lease.epoch, epoch,
             "a decision on its way leases nothing"
         );
     }
