@@ -37,9 +37,12 @@ fn clients(fair: bool) -> String {
     }
 }
 
+/// The safety margin covers a request's trip to the upstream; 180 connections flooding on a
+/// 2-core CI machine, with the rest of the suite beside them, can delay one trip by more than
+/// 100 ms (seen twice as upstream 429s), so these tests allow 300.
 const QUOTA: &str =
     "[quota]\nmax_wait = \"30s\"\nper_api_per_minute = 50\nper_api_window = \"1s\"\n\
-    all_env_per_second = 100000\nsafety_margin = \"100ms\"\n";
+    all_env_per_second = 100000\nsafety_margin = \"300ms\"\n";
 
 struct Flood {
     admitted: AtomicU64,
