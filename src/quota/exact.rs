@@ -10,6 +10,7 @@
 //! are virtual (a start time, not `N` entries), so the steady rate goes on at once, no burst
 //! does, and a huge `N` costs nothing.
 
+use std::cell::Cell;
 use std::time::Duration;
 
 /// The last `capacity` admission times, in nanoseconds on the owner's clock, oldest first.
@@ -24,6 +25,11 @@ pub(super) struct Ring {
     /// Spent from here: `capacity` virtual admissions at `from - span + span * k / capacity`
     /// (k = 1..=capacity), leaving the window one by one at the steady rate.
     spent_from: Option<u64>,
+    /// Admissions recorded since the ring began: the oldest entry is number `pushed - len`.
+    pushed: u64,
+    /// Where the last look-up found the window's first entry, by that numbering (so it
+    /// survives the oldest entries being overwritten); the next look-up starts there.
+    hint: Cell<u64>,
 }
 
 /// Entries the ring allocates up front; it grows to its capacity only as admissions come.
@@ -38,6 +44,8 @@ impl Ring {
             capacity,
             blocked_until: None,
             spent_from: None,
+            pushed: 0,
+            hint: Cell::new(0),
         }
     }
 
@@ -68,23 +76,69 @@ impl Ring {
 
     /// The `i`-th oldest entry (0 is the oldest).
     fn nth(&self, i: usize) -> Option<u64> {
-        if i >= self.times.len() {
+        let len = self.times.len();
+        if i >= len {
             return None;
         }
-        self.times.get((self.head + i) % self.times.len()).copied()
+        // `head < len`: a subtraction instead of a division.
+        let at = self.head + i;
+        self.times
+            .get(if at >= len { at - len } else { at })
+            .copied()
     }
 
-    /// Index of the oldest entry still in the closed window `[now - span, now]`.
+    /// Index of the oldest entry still in the closed window `[now - span, now]` (the length
+    /// if none is).
+    ///
+    /// Entries are oldest first, so "left the window" holds for a prefix of them. Look-ups
+    /// come with a `now` a little after the last one's, so the search starts where the last
+    /// one ended and steps outwards, doubling (galloping), then bisects what it bracketed. A
+    /// request then reads a few neighbouring entries instead of bisecting the whole ring: at
+    /// a large N (a quota that never binds) the ring is megabytes, and each step of a
+    /// bisection of it was a cache miss. Any `now` still gets the exact answer.
     fn first_in_window(&self, now: u64, span: u64) -> usize {
-        let (mut lo, mut hi) = (0, self.times.len());
+        let len = self.times.len();
+        let gone = |i: usize| self.nth(i).is_some_and(|t| now.saturating_sub(t) > span);
+        let base = self.pushed - len as u64;
+        let start = usize::try_from(self.hint.get().saturating_sub(base))
+            .unwrap_or(len)
+            .min(len);
+        // Everything before `lo` has left the window; nothing from `hi` on has.
+        let (mut lo, mut hi);
+        if start < len && gone(start) {
+            lo = start + 1;
+            hi = len;
+            let mut step = 1;
+            while let Some(probe) = start.checked_add(step).filter(|p| *p < len) {
+                if !gone(probe) {
+                    hi = probe;
+                    break;
+                }
+                lo = probe + 1;
+                step *= 2;
+            }
+        } else {
+            lo = 0;
+            hi = start;
+            let mut step = 1;
+            while let Some(probe) = start.checked_sub(step) {
+                if gone(probe) {
+                    lo = probe + 1;
+                    break;
+                }
+                hi = probe;
+                step *= 2;
+            }
+        }
         while lo < hi {
-            let mid = (lo + hi) / 2;
-            if self.nth(mid).is_some_and(|t| now.saturating_sub(t) > span) {
+            let mid = lo + (hi - lo) / 2;
+            if gone(mid) {
                 lo = mid + 1;
             } else {
                 hi = mid;
             }
         }
+        self.hint.set(base + lo as u64);
         lo
     }
 
@@ -179,6 +233,7 @@ impl Ring {
             *slot = now;
             self.head = (self.head + 1) % self.capacity;
         }
+        self.pushed += 1;
     }
 
     /// The same admissions under a new capacity: the newest `capacity` are kept (a lowered
@@ -269,6 +324,30 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The search that starts from the last answer finds what a scan of the whole ring
+        /// finds, for look-ups at any time (later, earlier, far ahead) between admissions,
+        /// while the ring fills and then overwrites its oldest entries.
+        #[test]
+        fn the_window_is_found_from_the_last_answer_as_a_full_scan_finds_it(
+            n in 1u32..64,
+            span in 1u64..1_000,
+            steps in proptest::collection::vec((0u64..300, -2_000i64..2_000, 0u8..4), 1..300),
+        ) {
+            let mut ring = Ring::new(n);
+            let mut at = 0u64;
+            for (gap, offset, looks) in steps {
+                at += gap;
+                ring.push(at);
+                for k in 0..looks {
+                    let now = at.saturating_add_signed(offset * i64::from(k));
+                    let scan = (0..ring.len())
+                        .take_while(|i| ring.nth(*i).is_some_and(|t| now.saturating_sub(t) > span))
+                        .count();
+                    prop_assert_eq!(ring.first_in_window(now, span), scan);
+                }
+            }
+        }
 
         /// Requests queue in arrival order and each goes at the moment the ring says; no window
         /// holds more than N (counting a spent start's virtual admissions), and none waited
