@@ -70,6 +70,8 @@ const NON_BINDING_QUOTA: &str = "[quota]\nenabled = true\nper_api_per_minute = 1
 const LAYER_VARIANTS: &[(&str, &str)] = &[
     ("meetgate", ""),
     ("mg-quota-off", "[quota]\nenabled = false\n"),
+    ("mg-log-off", "[log]\nlevel = \"warn\"\n"),
+    ("mg-control-off", "[control]\nenabled = false\n"),
     // One worker thread instead of one per core.
     ("mg-1worker", "top.workers = 1\n"),
     // HTTP/1.1 keep-alive to the upstream, as nginx does.

@@ -596,9 +596,9 @@ impl Gateway {
             // Sign-in and the caller's own token are meetgate's business: answered locally
             // for SDK clients, never forwarded (a forwarded logout would end the shared token).
             OperationKind::SignIn | OperationKind::TokenManagement => {
-                return self
-                    .answer_sdk(&view, op.name, &parts.headers, body, ctx)
-                    .await;
+                // Boxed, as every rare path that waits: the request path's future is as
+                // large as its largest wait, and every request pays for moving it.
+                return Box::pin(self.answer_sdk(&view, op.name, &parts.headers, body, ctx)).await;
             }
             OperationKind::Business | OperationKind::Unlisted => {}
         }
@@ -723,11 +723,9 @@ impl Gateway {
         else {
             return Ok(None);
         };
-        match self
-            .controls
-            .token(&session, &self.exchange(plan, upstream))
-            .await
-        {
+        // Boxed: a rare wait (see `answer_sdk` above).
+        let exchange = self.exchange(plan, upstream);
+        match Box::pin(self.controls.token(&session, &exchange)).await {
             Ok((header, generation)) => {
                 ctx.control_token = "meetgate";
                 plan.control = Some(Injected {
@@ -770,16 +768,19 @@ impl Gateway {
         }
         match op.control {
             ControlRole::Start => {
+                // Borrowed from the body unless a value has escapes: no copy of the password
+                // unless the session needs a new one. No `Debug`: it holds the password.
                 #[derive(serde::Deserialize)]
-                struct Start {
-                    #[serde(rename = "conferenceID")]
-                    conference_id: String,
-                    password: SecretString,
+                struct Start<'a> {
+                    #[serde(rename = "conferenceID", borrow)]
+                    conference_id: Cow<'a, str>,
+                    #[serde(borrow)]
+                    password: Cow<'a, str>,
                 }
                 let OutBody::Buffered(Some(body)) = &plan.out.body else {
                     return;
                 };
-                let Ok(start) = serde_json::from_slice::<Start>(body) else {
+                let Ok(start) = serde_json::from_slice::<Start<'_>>(body) else {
                     return;
                 };
                 if control::keyable(&start.conference_id) {
@@ -787,9 +788,14 @@ impl Gateway {
                         &plan.slot.key.app,
                         &start.conference_id,
                         &plan.owner,
-                        start.password,
+                        &start.password,
                     );
-                    ctx.conference = Some(start.conference_id);
+                    ctx.conference = Some(start.conference_id.into_owned());
+                }
+                // A password the parser had to copy (it had escapes) is wiped, as a
+                // `SecretString` is when dropped.
+                if let Cow::Owned(password) = start.password {
+                    drop(SecretString::from(password));
                 }
             }
             ControlRole::Stop => {
@@ -1026,7 +1032,8 @@ impl Gateway {
                 // The upstream connection decides the protocol; HTTP/1.1 semantics.
                 *req.version_mut() = Version::HTTP_11;
                 *req.headers_mut() = std::mem::take(&mut out.headers);
-                upstream.send(req).await
+                // Boxed: a large body is the rare case, and its send is the larger future.
+                Box::pin(upstream.send(req)).await
             }
         };
         ctx.upstream_time += sent.elapsed();
@@ -1085,7 +1092,7 @@ impl Gateway {
                     ctx.replayed_control = true;
                     let session = c.session.clone();
                     let exchange = self.exchange(plan, upstream);
-                    match self.controls.token(&session, &exchange).await {
+                    match Box::pin(self.controls.token(&session, &exchange)).await {
                         Ok((header, generation)) => {
                             self.metrics.control_replays.inc();
                             tracing::info!(

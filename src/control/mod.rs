@@ -156,14 +156,10 @@ impl Session {
     }
 
     /// Whether `presented` is this session's host password (compared in constant time).
-    fn password_is(&self, presented: &SecretString) -> bool {
+    fn password_is(&self, presented: &str) -> bool {
         self.password.lock().is_ok_and(|p| {
             p.as_ref().is_some_and(|p| {
-                bool::from(
-                    p.expose_secret()
-                        .as_bytes()
-                        .ct_eq(presented.expose_secret().as_bytes()),
-                )
+                bool::from(p.expose_secret().as_bytes().ct_eq(presented.as_bytes()))
             })
         })
     }
@@ -282,14 +278,14 @@ impl Controls {
             if s.owned_by(owner) {
                 // The owner's latest password is the one to obtain tokens with.
                 if let Some(p) = password {
-                    if !s.password_is(&p) {
+                    if !s.password_is(p.expose_secret()) {
                         s.set_password(p);
                     }
                 }
                 return Ok(Some(s.clone()));
             }
             return match password {
-                Some(p) if s.password_is(&p) => {
+                Some(p) if s.password_is(p.expose_secret()) => {
                     s.add_owner(owner);
                     Ok(Some(s.clone()))
                 }
@@ -351,13 +347,7 @@ impl Controls {
 
     /// A start made through meetgate succeeded: with `remember_start_password`, its host
     /// password becomes the meeting's session's, and `owner` may control the meeting.
-    pub fn remember_start(
-        &self,
-        app: &Arc<str>,
-        conference: &str,
-        owner: &Owner,
-        password: SecretString,
-    ) {
+    pub fn remember_start(&self, app: &Arc<str>, conference: &str, owner: &Owner, password: &str) {
         let cfg = self.cfg.load();
         if !cfg.enabled || !cfg.remember_start_password {
             return;
@@ -366,12 +356,16 @@ impl Controls {
         let mut sessions = self.lock();
         match sessions.get(&(app.clone(), Box::from(conference))) {
             Some(s) => {
-                // The upstream accepted this password: whoever brought it may control.
+                // The upstream accepted this password: whoever brought it may control. The
+                // same meeting is started again with the same password, mostly: kept as it is.
                 s.add_owner(owner);
-                s.set_password(password);
+                if !s.password_is(password) {
+                    s.set_password(SecretString::from(password));
+                }
                 s.last_used.touch(now);
             }
             None => {
+                let password = SecretString::from(password);
                 self.insert(&mut sessions, app, conference, owner, password, now);
             }
         }

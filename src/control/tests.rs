@@ -84,19 +84,25 @@ fn a_session_belongs_to_its_creator_and_to_who_proves_the_password() {
 #[test]
 fn a_start_through_meetgate_leaves_its_password_unless_told_not_to() {
     let (c, _) = controls(ControlConfig::default());
-    c.remember_start(&app(), "914087436", &None, SecretString::from("123456"));
+    c.remember_start(&app(), "914087436", &None, "123456");
     let s = c
         .session_for(&app(), "914087436", &None, None)
         .expect("ok")
         .expect("remembered");
-    assert!(s.password_is(&SecretString::from("123456")));
+    assert!(s.password_is("123456"));
     assert!(!format!("{s:?}").contains("123456"));
+    // A start of the same meeting with another password replaces it; with the same, keeps it.
+    c.remember_start(&app(), "914087436", &None, "654321");
+    assert!(s.password_is("654321") && !s.password_is("123456"));
+    c.remember_start(&app(), "914087436", &None, "654321");
+    assert!(s.password_is("654321"));
+    assert_eq!(c.len(), 1);
 
     let (c, _) = controls(ControlConfig {
         remember_start_password: false,
         ..ControlConfig::default()
     });
-    c.remember_start(&app(), "914087436", &None, SecretString::from("123456"));
+    c.remember_start(&app(), "914087436", &None, "123456");
     assert!(c.is_empty());
 }
 
@@ -107,16 +113,16 @@ fn sessions_are_bounded_least_recently_used_first_and_idle_out() {
         idle_timeout: Duration::from_secs(60),
         ..ControlConfig::default()
     });
-    c.remember_start(&app(), "1", &None, SecretString::from("p"));
+    c.remember_start(&app(), "1", &None, "p");
     clock.advance_ms(2_000);
-    c.remember_start(&app(), "2", &None, SecretString::from("p"));
+    c.remember_start(&app(), "2", &None, "p");
     clock.advance_ms(2_000);
     // "1" is used again, so "2" is the least recently used when "3" arrives.
     assert!(c
         .session_for(&app(), "1", &None, None)
         .expect("ok")
         .is_some());
-    c.remember_start(&app(), "3", &None, SecretString::from("p"));
+    c.remember_start(&app(), "3", &None, "p");
     assert_eq!(c.len(), 2);
     assert!(c
         .session_for(&app(), "2", &None, None)
@@ -155,9 +161,9 @@ fn a_refused_token_is_dropped_only_if_it_is_still_the_current_one() {
 #[test]
 fn stop_key_change_and_disabling_end_sessions() {
     let (c, _) = controls(ControlConfig::default());
-    c.remember_start(&app(), "1", &None, SecretString::from("p"));
-    c.remember_start(&app(), "2", &None, SecretString::from("p"));
-    c.remember_start(&Arc::from("other"), "3", &None, SecretString::from("p"));
+    c.remember_start(&app(), "1", &None, "p");
+    c.remember_start(&app(), "2", &None, "p");
+    c.remember_start(&Arc::from("other"), "3", &None, "p");
     c.end("default", "1");
     assert_eq!(c.len(), 2);
     c.end_app("default");

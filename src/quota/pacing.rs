@@ -3,9 +3,10 @@
 //! further away or its client has `max_queued` waiting already.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::bucket::{Admission, BucketKey, Refused, WaitGuard};
+use super::bucket::{Admission, Bucket, BucketKey, Refused, WaitGuard};
 use super::fair::{Class, FairQueue, Joined};
 use super::{QuotaManager, QuotaMode};
 
@@ -61,6 +62,19 @@ impl QuotaManager {
                 finished: false,
             });
         }
+        // Boxed: the wait is the larger future, and a request admitted at once would carry
+        // its size (and pay for moving it) on the whole request path.
+        Box::pin(self.queue_for(bucket, start, deadline, class)).await
+    }
+
+    /// The slow path of [`acquire`](Self::acquire): queue for a turn, then for a slot.
+    async fn queue_for(
+        &self,
+        bucket: Arc<Bucket>,
+        start: Instant,
+        deadline: Instant,
+        class: &Class,
+    ) -> Result<Admission, Refused> {
         bucket.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = WaitGuard(&bucket.waiting);
         let cfg = self.cfg.load_full();
