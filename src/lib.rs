@@ -9,6 +9,7 @@ pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod cluster;
+pub mod cold;
 pub mod config;
 pub mod conn;
 pub mod control;

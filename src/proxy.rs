@@ -20,6 +20,7 @@ use crate::accesslog;
 use crate::body::{self, IdleTimeout, ProxyBody};
 use crate::clock::Clock;
 use crate::cluster::Cluster;
+use crate::cold::out_of_line;
 use crate::config::Config;
 use crate::control::{self, Controls, Exchange, Failure, Owner, Session};
 use crate::error::{retry_after_secs, upstream_error_code, GatewayError};
@@ -561,17 +562,7 @@ impl Gateway {
         };
         metrics.in_flight.dec();
         if !ctx.span.is_disabled() {
-            ctx.span.record(
-                "http.response.status_code",
-                i64::from(resp.status().as_u16()),
-            );
-            ctx.span.record(
-                "meetgate.request_id",
-                ctx.request_id.to_str().unwrap_or("-"),
-            );
-            if let Some((code, _)) = &error {
-                ctx.span.record("error.type", *code);
-            }
+            record_outcome(&ctx, resp.status(), error.as_ref().map(|(code, _)| *code));
         }
         let total = ctx.start.elapsed();
         access_log(&ctx, total, resp.status(), error.as_ref());
@@ -596,9 +587,9 @@ impl Gateway {
             // Sign-in and the caller's own token are meetgate's business: answered locally
             // for SDK clients, never forwarded (a forwarded logout would end the shared token).
             OperationKind::SignIn | OperationKind::TokenManagement => {
-                // Boxed, as every rare path that waits: the request path's future is as
-                // large as its largest wait, and every request pays for moving it.
-                return Box::pin(self.answer_sdk(&view, op.name, &parts.headers, body, ctx)).await;
+                // Out of line, as every rare wait (see `cold`).
+                return out_of_line(self.answer_sdk(&view, op.name, &parts.headers, body, ctx))
+                    .await;
             }
             OperationKind::Business | OperationKind::Unlisted => {}
         }
@@ -655,26 +646,22 @@ impl Gateway {
                 .instrument(span.clone())
                 .await?;
             if !span.is_disabled() {
-                span.record(
-                    "http.response.status_code",
-                    i64::from(resp.status().as_u16()),
-                );
-                if let Some(id) = resp
-                    .headers()
-                    .get(X_REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                {
-                    span.record("upstream.request_id", id);
-                }
+                record_upstream(&span, &resp);
             }
             drop(span);
             if let Some(a) = admission {
                 self.quota.observe(a, resp.headers());
             }
-            match self
-                .replay(resp, &mut plan, generation, ctx, &view.config, upstream)
-                .await?
-            {
+            let status = resp.status();
+            let next =
+                if status != StatusCode::UNAUTHORIZED && status != StatusCode::TOO_MANY_REQUESTS {
+                    // Any other answer streams back as it is.
+                    let body_timeout = view.config.upstream.body_timeout;
+                    Next::Answer(resp.map(|b| Either::Left(IdleTimeout::new(b, body_timeout))))
+                } else {
+                    out_of_line(self.replay(resp, &mut plan, generation, ctx, upstream)).await?
+                };
+            match next {
                 Next::Answer(resp) => {
                     self.after_answer(op, &plan, resp.status(), ctx);
                     return Ok(self.finish(resp, ctx));
@@ -723,9 +710,8 @@ impl Gateway {
         else {
             return Ok(None);
         };
-        // Boxed: a rare wait (see `answer_sdk` above).
         let exchange = self.exchange(plan, upstream);
-        match Box::pin(self.controls.token(&session, &exchange)).await {
+        match out_of_line(self.controls.token(&session, &exchange)).await {
             Ok((header, generation)) => {
                 ctx.control_token = "meetgate";
                 plan.control = Some(Injected {
@@ -1032,8 +1018,8 @@ impl Gateway {
                 // The upstream connection decides the protocol; HTTP/1.1 semantics.
                 *req.version_mut() = Version::HTTP_11;
                 *req.headers_mut() = std::mem::take(&mut out.headers);
-                // Boxed: a large body is the rare case, and its send is the larger future.
-                Box::pin(upstream.send(req)).await
+                // A large body is the rare case, and its send the larger future.
+                out_of_line(upstream.send(req)).await
             }
         };
         ctx.upstream_time += sent.elapsed();
@@ -1053,25 +1039,18 @@ impl Gateway {
         }
     }
 
-    /// Replay: a refused token (401 `USG.000000004`) or an upstream 429 means the upstream did
-    /// not process the request; it goes again when its body allows, else the answer is the
-    /// client's. Any other answer streams back as it is.
+    /// Replay, for an answer 401 or 429 (out of line, see `cold`): a refused token (401
+    /// `USG.000000004`) or an upstream 429 means the upstream did not process the request; it
+    /// goes again when its body allows, else the answer is the client's.
     async fn replay(
         &self,
         resp: Response<UpstreamBody>,
         plan: &mut Plan<'_>,
         generation: u64,
         ctx: &mut RequestCtx,
-        config: &Config,
         upstream: &Upstream,
     ) -> Result<Next, GatewayError> {
         let status = resp.status();
-        if status != StatusCode::UNAUTHORIZED && status != StatusCode::TOO_MANY_REQUESTS {
-            let body_timeout = config.upstream.body_timeout;
-            return Ok(Next::Answer(
-                resp.map(|b| Either::Left(IdleTimeout::new(b, body_timeout))),
-            ));
-        }
         // Read the small error body to be sure of the cause.
         let (mut rparts, rbody) = resp.into_parts();
         let bytes = read_body(rbody, ERROR_BODY_LIMIT, upstream.request_timeout()).await?;
@@ -1092,7 +1071,7 @@ impl Gateway {
                     ctx.replayed_control = true;
                     let session = c.session.clone();
                     let exchange = self.exchange(plan, upstream);
-                    match Box::pin(self.controls.token(&session, &exchange)).await {
+                    match out_of_line(self.controls.token(&session, &exchange)).await {
                         Ok((header, generation)) => {
                             self.metrics.control_replays.inc();
                             tracing::info!(
@@ -1218,6 +1197,39 @@ impl Gateway {
 }
 
 /// Counters and histograms for one finished request.
+/// A traced request's outcome on its span. Cold, as every span's work: most requests are not
+/// traced, and the code stays out of the request path's (see `cold`).
+#[cold]
+#[inline(never)]
+fn record_outcome(ctx: &RequestCtx, status: StatusCode, error: Option<&'static str>) {
+    ctx.span
+        .record("http.response.status_code", i64::from(status.as_u16()));
+    ctx.span.record(
+        "meetgate.request_id",
+        ctx.request_id.to_str().unwrap_or("-"),
+    );
+    if let Some(code) = error {
+        ctx.span.record("error.type", code);
+    }
+}
+
+/// The upstream's answer on a traced attempt's span (see [`record_outcome`]).
+#[cold]
+#[inline(never)]
+fn record_upstream(span: &tracing::Span, resp: &Response<UpstreamBody>) {
+    span.record(
+        "http.response.status_code",
+        i64::from(resp.status().as_u16()),
+    );
+    if let Some(id) = resp
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+    {
+        span.record("upstream.request_id", id);
+    }
+}
+
 fn record(metrics: &Metrics, ctx: &RequestCtx, total: Duration, status: StatusCode) {
     let op = OperationLabels {
         operation: ctx.operation,

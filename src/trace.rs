@@ -155,8 +155,16 @@ pub fn phase(request: &Span, make: impl FnOnce() -> Span) -> Span {
     if request.is_disabled() {
         Span::none()
     } else {
-        make()
+        traced(make)
     }
+}
+
+/// A span's making (a callsite, its metadata and fields: much code) kept out of the caller's,
+/// where it would sit between the blocks of the requests that are not traced, most of them.
+#[cold]
+#[inline(never)]
+fn traced(make: impl FnOnce() -> Span) -> Span {
+    make()
 }
 
 /// The SDK's sampler: a request's span exists only when [`request_span`] chose to trace it, so

@@ -62,9 +62,9 @@ impl QuotaManager {
                 finished: false,
             });
         }
-        // Boxed: the wait is the larger future, and a request admitted at once would carry
-        // its size (and pay for moving it) on the whole request path.
-        Box::pin(self.queue_for(bucket, start, deadline, class)).await
+        // Out of line (see `cold`): a request admitted at once carries neither the wait's
+        // size nor its code.
+        crate::cold::out_of_line(self.queue_for(bucket, start, deadline, class)).await
     }
 
     /// The slow path of [`acquire`](Self::acquire): queue for a turn, then for a slot.
