@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::{connect_error, error_chain, UpstreamConnector};
 use crate::body::ProxyBody;
+use crate::cold::out_of_line;
 use crate::error::{GatewayError, Phase};
 
 /// An open connection waiting for a request.
@@ -128,8 +129,9 @@ impl Direct {
         loop {
             let mut send = match conn.take() {
                 Some(send) => send,
-                // Boxed: the handshake's state would otherwise be part of every request's future.
-                None => tokio::time::timeout_at(deadline, Box::pin(self.connect()))
+                // Out of line (see `cold`): the handshake's state and code would otherwise be
+                // part of every request's.
+                None => tokio::time::timeout_at(deadline, out_of_line(self.connect()))
                     .await
                     .map_err(|_| timeout())??,
             };

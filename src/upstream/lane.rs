@@ -128,10 +128,11 @@ impl Lane {
                 return Err(e);
             }
         }
-        // Boxed: a TLS handshake's state is large, and inline it would take room in every
-        // request's future (8.8 KB per request in flight instead of 5.1 KB), though only a
-        // request that opens the connection needs it.
-        let attempt = Box::pin(self.connect()).await;
+        // Out of line (see `cold`): a TLS handshake's state is large, and inline it would take
+        // room in every request's future (8.8 KB per request in flight instead of 5.1 KB), and
+        // its code in every request's, though only a request that opens the connection needs
+        // it.
+        let attempt = crate::cold::out_of_line(self.connect()).await;
         *self
             .last_failure
             .lock()
