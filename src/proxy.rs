@@ -761,7 +761,18 @@ impl Gateway {
                     #[serde(rename = "conferenceID", borrow)]
                     conference_id: Cow<'a, str>,
                     #[serde(borrow)]
-                    password: Cow<'a, str>,
+                    password: Password<'a>,
+                }
+                /// The parser's copy of a password (it had escapes) is wiped when dropped, on
+                /// every path (a later field failing, a repeated field), as a `SecretString`.
+                #[derive(serde::Deserialize)]
+                struct Password<'a>(#[serde(borrow)] Cow<'a, str>);
+                impl Drop for Password<'_> {
+                    fn drop(&mut self) {
+                        if let Cow::Owned(copy) = &mut self.0 {
+                            secrecy::zeroize::Zeroize::zeroize(copy);
+                        }
+                    }
                 }
                 let OutBody::Buffered(Some(body)) = &plan.out.body else {
                     return;
@@ -774,14 +785,9 @@ impl Gateway {
                         &plan.slot.key.app,
                         &start.conference_id,
                         &plan.owner,
-                        &start.password,
+                        &start.password.0,
                     );
                     ctx.conference = Some(start.conference_id.into_owned());
-                }
-                // A password the parser had to copy (it had escapes) is wiped, as a
-                // `SecretString` is when dropped.
-                if let Cow::Owned(password) = start.password {
-                    drop(SecretString::from(password));
                 }
             }
             ControlRole::Stop => {
@@ -1196,7 +1202,6 @@ impl Gateway {
     }
 }
 
-/// Counters and histograms for one finished request.
 /// A traced request's outcome on its span. Cold, as every span's work: most requests are not
 /// traced, and the code stays out of the request path's (see `cold`).
 #[cold]
@@ -1230,6 +1235,7 @@ fn record_upstream(span: &tracing::Span, resp: &Response<UpstreamBody>) {
     }
 }
 
+/// Counters and histograms for one finished request.
 fn record(metrics: &Metrics, ctx: &RequestCtx, total: Duration, status: StatusCode) {
     let op = OperationLabels {
         operation: ctx.operation,

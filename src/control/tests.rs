@@ -91,7 +91,8 @@ fn a_start_through_meetgate_leaves_its_password_unless_told_not_to() {
         .expect("remembered");
     assert!(s.password_is("123456"));
     assert!(!format!("{s:?}").contains("123456"));
-    // A start of the same meeting with another password replaces it; with the same, keeps it.
+    // A start of the same meeting with another password replaces it; the same again still
+    // matches.
     c.remember_start(&app(), "914087436", &None, "654321");
     assert!(s.password_is("654321") && !s.password_is("123456"));
     c.remember_start(&app(), "914087436", &None, "654321");

@@ -111,6 +111,30 @@ async fn create_start_then_control_calls_with_no_credential_take_one_token_reque
 }
 
 #[tokio::test]
+async fn a_start_whose_password_has_escapes_is_remembered_as_the_upstream_reads_it() {
+    let sim = default_sim().await;
+    let gw = spawn_gateway(&sim, GatewayOptions::default()).await;
+    let (id, host) = create(&gw, &[]).await;
+    // Every character a JSON escape: meetgate's parser must copy the password, not borrow it.
+    let escaped: String = host
+        .chars()
+        .map(|c| format!("\\u{:04x}", u32::from(c)))
+        .collect();
+    let body = format!(r#"{{"conferenceID":"{id}","password":"{escaped}"}}"#);
+    let r = gw.request(Method::POST, START, &[], body.as_bytes()).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let lock = gw
+        .request(Method::PUT, &control("lock", &id), &[], br#"{"isLock":1}"#)
+        .await;
+    assert_eq!(lock.status, StatusCode::OK, "{:?}", lock.body);
+    assert_eq!(
+        received(&sim, TOKEN)[0].header("x-password"),
+        Some(host.as_str())
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_hundred_concurrent_first_control_calls_share_one_token_request() {
     let sim = default_sim().await;
     let gw = Arc::new(spawn_gateway(&sim, GatewayOptions::default()).await);
