@@ -1291,10 +1291,11 @@ fn access_log(
     status: StatusCode,
     error: Option<&(&'static str, String)>,
 ) {
+    // UTF-8 is all the line needs (it escapes the rest), and the check runs a word at a time.
     let up = |i: usize| -> &str {
         ctx.upstream_headers[i]
             .as_ref()
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .unwrap_or("-")
     };
     let trace_hex = ctx.trace_id.map(|t| t.to_string());
