@@ -1284,6 +1284,15 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
 }
 
+/// An upstream header's value as the access line shows it: `-` when absent or not UTF-8. UTF-8
+/// is all the line needs (it escapes the rest), and std checks long ASCII runs a word at a
+/// time; so a non-ASCII value is logged escaped, not as `-`.
+fn logged_header(value: Option<&HeaderValue>) -> &str {
+    value
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .unwrap_or("-")
+}
+
 /// The one access-log line of a request.
 fn access_log(
     ctx: &RequestCtx,
@@ -1291,13 +1300,7 @@ fn access_log(
     status: StatusCode,
     error: Option<&(&'static str, String)>,
 ) {
-    // UTF-8 is all the line needs (it escapes the rest), and the check runs a word at a time.
-    let up = |i: usize| -> &str {
-        ctx.upstream_headers[i]
-            .as_ref()
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .unwrap_or("-")
-    };
+    let up = |i: usize| logged_header(ctx.upstream_headers[i].as_ref());
     let trace_hex = ctx.trace_id.map(|t| t.to_string());
     accesslog::write(&accesslog::Entry {
         method: ctx.method.as_str(),
@@ -1326,6 +1329,21 @@ fn access_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_headers_are_logged_when_utf8() {
+        let value = |b: &[u8]| HeaderValue::from_bytes(b).unwrap();
+        assert_eq!(logged_header(None), "-");
+        assert_eq!(
+            logged_header(Some(&value(b"remain:99,limit:100"))),
+            "remain:99,limit:100"
+        );
+        assert_eq!(
+            logged_header(Some(&value("caf\u{e9}".as_bytes()))),
+            "caf\u{e9}"
+        );
+        assert_eq!(logged_header(Some(&value(b"caf\xe9"))), "-");
+    }
 
     #[test]
     fn request_ids_are_kept_or_generated() {
