@@ -182,6 +182,12 @@ struct Key {
 const KEY_BYTES: usize = 32;
 
 impl Key {
+    const EMPTY: Key = Key {
+        bytes: [0; KEY_BYTES],
+        len: 0,
+        kind: Kind::Bare,
+    };
+
     const fn new(style: Style, name: &str, kind: Kind) -> Key {
         let quoted = match (style, kind) {
             (_, Kind::Str) | (Style::Json, Kind::Display) => true,
@@ -191,11 +197,7 @@ impl Key {
             Style::Text => (b" ", b"="),
             Style::Json => (b",\"", b"\":"),
         };
-        let mut key = Key {
-            bytes: [0; KEY_BYTES],
-            len: 0,
-            kind,
-        };
+        let mut key = Key { kind, ..Key::EMPTY };
         key = key.append(open);
         key = key.append(name.as_bytes());
         key = key.append(close);
@@ -218,11 +220,7 @@ impl Key {
 }
 
 const fn keys(style: Style) -> [Key; FIELDS.len()] {
-    let mut keys = [Key {
-        bytes: [0; KEY_BYTES],
-        len: 0,
-        kind: Kind::Bare,
-    }; FIELDS.len()];
+    let mut keys = [Key::EMPTY; FIELDS.len()];
     let mut i = 0;
     while i < FIELDS.len() {
         keys[i] = Key::new(style, FIELDS[i].0, FIELDS[i].1);
@@ -233,6 +231,16 @@ const fn keys(style: Style) -> [Key; FIELDS.len()] {
 
 static TEXT_KEYS: [Key; FIELDS.len()] = keys(Style::Text);
 static JSON_KEYS: [Key; FIELDS.len()] = keys(Style::Json);
+
+impl Style {
+    /// This style's keys, in [`FIELDS`] order.
+    fn keys(self) -> &'static [Key; FIELDS.len()] {
+        match self {
+            Style::Text => &TEXT_KEYS,
+            Style::Json => &JSON_KEYS,
+        }
+    }
+}
 
 /// Writes the fields in [`FIELDS`] order, each after its key.
 struct Fields<'o> {
@@ -293,14 +301,10 @@ impl Fields<'_> {
 }
 
 fn fields(e: &Entry<'_>, style: Style, out: &mut Vec<u8>) {
-    let keys = match style {
-        Style::Text => &TEXT_KEYS,
-        Style::Json => &JSON_KEYS,
-    };
     let mut f = Fields {
         out,
         style,
-        keys: keys.iter(),
+        keys: style.keys().iter(),
     };
     let mut int = itoa::Buffer::new();
     f.display(|o| o.extend_from_slice(e.method.as_bytes()));
@@ -501,15 +505,11 @@ mod tests {
 
     /// `path`'s key and a string value, as the line writer writes them in `style`.
     fn string_field(style: Style, value: &str) -> String {
-        let keys = match style {
-            Style::Text => &TEXT_KEYS,
-            Style::Json => &JSON_KEYS,
-        };
         let mut out = Vec::new();
         let mut f = Fields {
             out: &mut out,
             style,
-            keys: keys[1..].iter(),
+            keys: style.keys()[1..].iter(),
         };
         f.string(value);
         String::from_utf8(out).unwrap()
