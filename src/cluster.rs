@@ -4,7 +4,7 @@
 //! Redis is unreachable.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
@@ -18,6 +18,10 @@ use crate::secret::{print, redact_url};
 /// While Redis is down a replica tries to connect at most this often, and shared mode resumes
 /// once no call has failed for this long.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// `Cluster::outages`: the degraded bit, and one outage.
+const DEGRADED: u64 = 1;
+const OUTAGE: u64 = 2;
 
 /// Longest `lease`: well under `RETRY`, so no lease outlives an outage and the second without
 /// failures that ends it (leases are used only while shared mode is on).
@@ -287,7 +291,10 @@ pub struct Cluster {
     /// When a call last failed: shared mode resumes only after a second without one, so lanes
     /// still reconnecting after Redis returns do not flip the replica in and out of it.
     failed_at: Mutex<Option<Instant>>,
-    degraded: AtomicBool,
+    /// Degraded (on local fallbacks) in the low bit, the number of outages so far above it:
+    /// one word, so a call that finds the replica degraded also finds the outage that made it
+    /// so (a bucket's fallback share is built anew for each, see `outage`).
+    outages: AtomicU64,
     last_error: Mutex<String>,
     /// When shared mode last resumed after a fallback period.
     resumed_at: Mutex<Option<Instant>>,
@@ -312,7 +319,7 @@ impl Cluster {
             connections: AtomicU64::new(0),
             retry_after: Mutex::new(None),
             failed_at: Mutex::new(None),
-            degraded: AtomicBool::new(false),
+            outages: AtomicU64::new(0),
             last_error: Mutex::new(String::new()),
             resumed_at: Mutex::new(None),
             fallbacks: AtomicU64::new(0),
@@ -337,7 +344,7 @@ impl Cluster {
 
     /// Whether this replica is running on its local fallbacks, and why.
     pub fn degraded(&self) -> Option<String> {
-        self.degraded.load(Ordering::Relaxed).then(|| {
+        self.is_degraded().then(|| {
             self.last_error
                 .lock()
                 .map(|e| e.clone())
@@ -349,7 +356,7 @@ impl Cluster {
     /// as a spent window, and a replica still holds itself to its fallback share. (The call
     /// that finds Redis back is made while still degraded.)
     pub fn recently_resumed(&self, window: Duration) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        self.is_degraded()
             || self
                 .resumed_at
                 .lock()
@@ -364,14 +371,21 @@ impl Cluster {
         if let Ok(mut last) = self.last_error.lock() {
             *last = e.to_string();
         }
-        if !self.degraded.swap(true, Ordering::Relaxed) {
+        // Degraded and counted in one step: no call sees the flag without the new count.
+        let entered = self
+            .outages
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                (w & DEGRADED == 0).then_some((w + OUTAGE) | DEGRADED)
+            })
+            .is_ok();
+        if entered {
             tracing::warn!(error = %e, max_replicas = self.cfg.max_replicas.get(),
                 "Redis unavailable: falling back to local limits at 1/max_replicas and a local token cache");
         }
     }
 
     fn succeeded(&self) {
-        if !self.degraded.load(Ordering::Relaxed) {
+        if !self.is_degraded() {
             return;
         }
         let quiet = self
@@ -379,7 +393,7 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_none_or(|t| t.elapsed() >= RETRY);
-        if quiet && self.degraded.swap(false, Ordering::Relaxed) {
+        if quiet && self.outages.fetch_and(!DEGRADED, Ordering::Relaxed) & DEGRADED != 0 {
             if let Ok(mut r) = self.resumed_at.lock() {
                 *r = Some(Instant::now());
             }
@@ -578,7 +592,13 @@ impl Cluster {
 
     /// Whether this replica is on its local fallbacks now (no leased slot is used then).
     pub fn is_degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        self.outages.load(Ordering::Relaxed) & DEGRADED != 0
+    }
+
+    /// Which outage this replica is in, or was last in: a fallback share built in an earlier
+    /// one is not this one's (it never waited for what shared mode admitted in between).
+    pub fn outage(&self) -> u64 {
+        self.outages.load(Ordering::Relaxed) >> 1
     }
 
     pub async fn get_token(&self, key: &str) -> Result<Option<SharedToken>, ClusterError> {

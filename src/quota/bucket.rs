@@ -31,6 +31,8 @@ pub(super) struct BucketState {
     pub(super) limits: Vec<Limit>,
     /// This replica's share of each limit while the shared store is unreachable.
     pub(super) fallback: Vec<Limit>,
+    /// The outage `fallback` was built in (`Cluster::outage`).
+    pub(super) fallback_outage: u64,
     /// Slots the shared store reserved ahead for this replica (shared mode, exact limiter).
     pub(super) lease: Lease,
     pub(super) hold_until: Option<Instant>,

@@ -208,6 +208,7 @@ impl QuotaManager {
             state: Mutex::new(BucketState {
                 limits,
                 fallback: Vec::new(),
+                fallback_outage: 0,
                 lease: Default::default(),
                 hold_until: None,
                 in_flight: 0,

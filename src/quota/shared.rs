@@ -130,7 +130,9 @@ impl Bucket {
     /// Local fallback while the shared store is unreachable: this replica's share
     /// (1/`max_replicas`) of every limit.
     /// Its exact limits start blocked for a span and `hold` more: other replicas may still use
-    /// slots leased before the failure for up to their lease.
+    /// slots leased before the failure for up to their lease. Built anew in each `outage`: a
+    /// share kept from the last one (as it is for a window after shared mode resumes) knows
+    /// nothing of what the other replicas admitted through the shared store since.
     pub(super) fn try_admit_fallback(
         &self,
         now: Instant,
@@ -138,10 +140,12 @@ impl Bucket {
         margin: Duration,
         replicas: u32,
         hold: Duration,
+        outage: u64,
     ) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Self::precheck(&mut state, now)?;
-        if state.fallback.is_empty() {
+        if state.fallback.is_empty() || state.fallback_outage != outage {
+            state.fallback_outage = outage;
             state.fallback = state
                 .limits
                 .iter()
@@ -317,6 +321,7 @@ impl QuotaManager {
                     cfg.safety_margin,
                     cluster.config().max_replicas.get(),
                     cluster.config().lease,
+                    cluster.outage(),
                 )
             }
         }
@@ -426,10 +431,59 @@ mod tests {
             let span = Duration::from_secs(60) + margin;
             let now = Instant::now();
             let wait = bucket
-                .try_admit_fallback(now, &DefaultClock::default(), margin, 3, hold)
+                .try_admit_fallback(now, &DefaultClock::default(), margin, 3, hold, 1)
                 .expect_err("blocked at first");
             assert!(wait >= span + hold, "{wait:?} for a hold of {hold:?}");
             assert!(wait <= span + hold + Duration::from_millis(1), "{wait:?}");
+        }
+    }
+
+    /// A second outage within the window after shared mode resumed (when the share from the
+    /// first is still kept) blocks the share again: in between, the other replicas admitted
+    /// through the shared store what this one's old share does not count.
+    #[test]
+    fn each_outage_starts_its_share_blocked() {
+        let (mgr, bucket) = one_bucket(QuotaAlgorithm::Exact, 100, 60, 200, 1, None);
+        let margin = mgr.config().safety_margin;
+        let clock = DefaultClock::default();
+        let span = Duration::from_secs(60) + margin;
+        let t0 = Instant::now();
+        let admit = |at, outage| bucket.try_admit_fallback(at, &clock, margin, 3, LIFE, outage);
+        admit(t0, 1).expect_err("blocked at first");
+        // Once the block has passed, the share of the first outage admits.
+        let t1 = t0 + span + LIFE + Duration::from_millis(1);
+        admit(t1, 1).expect("the first outage's share, unblocked");
+        // Shared mode resumed (its window keeps the share), then Redis failed again.
+        let wait = admit(t1, 2).expect_err("a new outage starts blocked");
+        assert!(wait >= span + LIFE, "{wait:?}");
+        // And that second share, once its own block has passed, admits.
+        admit(t1 + wait + Duration::from_millis(1), 2).expect("the second outage's share");
+    }
+
+    /// The outage count moves once per outage, with the degraded flag.
+    #[tokio::test]
+    async fn an_outage_is_counted_once_when_it_begins() {
+        let cluster = Cluster::new(ClusterConfig {
+            redis_url: secrecy::SecretString::from("not a url"),
+            key_prefix: "t:".to_owned(),
+            max_replicas: std::num::NonZeroU32::new(3).expect("3"),
+            timeout: Duration::from_millis(100),
+            lease: Duration::ZERO,
+        });
+        assert!(!cluster.is_degraded());
+        assert_eq!(cluster.outage(), 0);
+        let limits = [("t:k".to_owned(), 10, Duration::from_secs(60))];
+        for _ in 0..3 {
+            cluster
+                .exact(&limits, Duration::from_secs(60), "m", 1)
+                .await
+                .expect_err("no Redis");
+            assert!(cluster.is_degraded());
+            assert_eq!(
+                cluster.outage(),
+                1,
+                "one outage, however many calls fail in it"
+            );
         }
     }
 
