@@ -710,8 +710,17 @@ impl Gateway {
         else {
             return Ok(None);
         };
-        let exchange = self.exchange(plan, upstream);
-        match out_of_line(self.controls.token(&session, &exchange)).await {
+        let token = match self
+            .controls
+            .cached(&session, || self.exchange(plan, upstream))
+        {
+            Some(current) => Ok(current),
+            None => {
+                let exchange = self.exchange(plan, upstream);
+                out_of_line(self.controls.token(&session, &exchange)).await
+            }
+        };
+        match token {
             Ok((header, generation)) => {
                 ctx.control_token = "meetgate";
                 plan.control = Some(Injected {

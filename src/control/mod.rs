@@ -391,6 +391,30 @@ impl Controls {
         }
     }
 
+    /// The session's current token while valid, without waiting (a due keep-alive starts in
+    /// the background, over the exchange `exchange` makes then); `None` when one must be
+    /// obtained ([`Controls::token`]). The common case, so a call makes no exchange, and
+    /// waits in no future, when the token is there.
+    pub fn cached(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        exchange: impl FnOnce() -> Exchange,
+    ) -> Option<(HeaderValue, u64)> {
+        let now = self.clock.now_ms();
+        session.last_used.touch(now);
+        let (header, generation, due) = session.current(now)?;
+        if due && !session.keepalive.swap(true, Ordering::AcqRel) {
+            let controls = self.clone();
+            let session = session.clone();
+            let exchange = exchange();
+            tokio::spawn(async move {
+                controls.keep_alive(&session, &exchange).await;
+                session.keepalive.store(false, Ordering::Release);
+            });
+        }
+        Some((header, generation))
+    }
+
     /// The session's token for a call: the current one while valid (a due keep-alive starts
     /// in the background), else one obtained now with the password, once however many calls
     /// wait for it. A refusal of that acquisition (a 4xx other than 429) ends the session:
@@ -401,19 +425,8 @@ impl Controls {
         session: &Arc<Session>,
         exchange: &Exchange,
     ) -> Result<(HeaderValue, u64), Failure> {
-        let now = self.clock.now_ms();
-        session.last_used.touch(now);
-        if let Some((header, generation, due)) = session.current(now) {
-            if due && !session.keepalive.swap(true, Ordering::AcqRel) {
-                let controls = self.clone();
-                let session = session.clone();
-                let exchange = exchange.clone();
-                tokio::spawn(async move {
-                    controls.keep_alive(&session, &exchange).await;
-                    session.keepalive.store(false, Ordering::Release);
-                });
-            }
-            return Ok((header, generation));
+        if let Some(current) = self.cached(session, || exchange.clone()) {
+            return Ok(current);
         }
         let _flight = session.flight.lock().await;
         let now = self.clock.now_ms();
