@@ -367,17 +367,21 @@ impl Cluster {
 
     fn failed(&self, e: &ClusterError) {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
-        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         if let Ok(mut last) = self.last_error.lock() {
             *last = e.to_string();
         }
-        // Degraded and counted in one step: no call sees the flag without the new count.
-        let entered = self
-            .outages
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-                (w & DEGRADED == 0).then_some((w + OUTAGE) | DEGRADED)
-            })
-            .is_ok();
+        let entered = {
+            // Under the lock `succeeded` decides under: a failure is never lost to a resume
+            // deciding at the same time.
+            let mut failed_at = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+            *failed_at = Some(Instant::now());
+            // Degraded and counted in one step: no call sees the flag without the new count.
+            self.outages
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                    (w & DEGRADED == 0).then_some((w + OUTAGE) | DEGRADED)
+                })
+                .is_ok()
+        };
         if entered {
             tracing::warn!(error = %e, max_replicas = self.cfg.max_replicas.get(),
                 "Redis unavailable: falling back to local limits at 1/max_replicas and a local token cache");
@@ -388,15 +392,17 @@ impl Cluster {
         if !self.is_degraded() {
             return;
         }
-        let quiet = self
-            .failed_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none_or(|t| t.elapsed() >= RETRY);
-        if quiet && self.outages.fetch_and(!DEGRADED, Ordering::Relaxed) & DEGRADED != 0 {
-            if let Ok(mut r) = self.resumed_at.lock() {
-                *r = Some(Instant::now());
-            }
+        let failed_at = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        if !failed_at.is_none_or(|t| t.elapsed() >= RETRY) {
+            return;
+        }
+        // The resume time is set before the flag clears as seen by `recently_resumed`, which
+        // reads the flag and then waits for this lock: no call finds the replica neither
+        // degraded nor resuming.
+        let mut resumed_at = self.resumed_at.lock().unwrap_or_else(|p| p.into_inner());
+        if self.outages.fetch_and(!DEGRADED, Ordering::Relaxed) & DEGRADED != 0 {
+            *resumed_at = Some(Instant::now());
+            drop((resumed_at, failed_at));
             tracing::info!("Redis reachable again: shared limits and tokens resumed");
         }
     }
@@ -682,5 +688,38 @@ impl Cluster {
                     .await
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outage is counted once however many calls fail in it; after a resume the next
+    /// failure is a new one; a resume is seen as one (not a moment of neither state).
+    #[test]
+    fn outages_are_counted_across_a_resume() {
+        let c = Cluster::new(ClusterConfig {
+            redis_url: secrecy::SecretString::from("not a url"),
+            key_prefix: "t:".to_owned(),
+            max_replicas: std::num::NonZeroU32::new(3).expect("3"),
+            timeout: Duration::from_millis(100),
+            lease: Duration::ZERO,
+        });
+        let window = Duration::from_secs(60);
+        assert_eq!((c.is_degraded(), c.outage()), (false, 0));
+        assert!(!c.recently_resumed(window));
+        c.failed(&ClusterError::Timeout);
+        c.failed(&ClusterError::Timeout);
+        assert_eq!((c.is_degraded(), c.outage()), (true, 1));
+        // A success within a second of the last failure does not resume.
+        c.succeeded();
+        assert!(c.is_degraded());
+        *c.failed_at.lock().expect("lock") = Instant::now().checked_sub(RETRY);
+        c.succeeded();
+        assert_eq!((c.is_degraded(), c.outage()), (false, 1));
+        assert!(c.recently_resumed(window), "resuming for a window");
+        c.failed(&ClusterError::Timeout);
+        assert_eq!((c.is_degraded(), c.outage()), (true, 2), "a second outage");
     }
 }

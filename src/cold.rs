@@ -3,9 +3,9 @@
 //!
 //! An `async fn` that awaits another has the callee's state machine inlined into its own poll
 //! function, so the request path's poll functions held every rare path's code (a control
-//! call's token exchange (one already held is looked up in line, with no box); a sign-in answered locally; a quota wait; a new
-//! connection's handshakes) between the blocks every request runs: about 47 KB for the
-//! request handler alone. Each request then fetched a fresh
+//! call's token exchange, where a token already held is looked up in line; a sign-in
+//! answered locally; a quota wait; a new connection's handshakes) between the blocks every
+//! request runs: about 47 KB for the request handler alone. Each request then fetched a fresh
 //! instruction-cache line every few instructions (callgrind's model). Behind `out_of_line` the
 //! rare future is polled through its vtable, which the caller cannot inline, and the caller's
 //! future no longer holds the rare one's state either (a box per rare wait instead).

@@ -144,7 +144,8 @@ impl Bucket {
     ) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Self::precheck(&mut state, now)?;
-        if state.fallback.is_empty() || state.fallback_outage != outage {
+        // A later outage's (a call that read the number before another began builds nothing).
+        if state.fallback.is_empty() || outage > state.fallback_outage {
             state.fallback_outage = outage;
             state.fallback = state
                 .limits
@@ -460,7 +461,8 @@ mod tests {
         admit(t1 + wait + Duration::from_millis(1), 2).expect("the second outage's share");
     }
 
-    /// The outage count moves once per outage, with the degraded flag.
+    /// A failing call counts the outage once, with the degraded flag (see also the cluster's
+    /// own test across a resume).
     #[tokio::test]
     async fn an_outage_is_counted_once_when_it_begins() {
         let cluster = Cluster::new(ClusterConfig {
