@@ -596,6 +596,19 @@ impl Cluster {
         .await
     }
 
+    /// For tests: a cluster whose Redis client cannot be made (every call fails at once), of
+    /// 3 replicas at most, with `lease`.
+    #[cfg(test)]
+    pub(crate) fn unreachable(lease: Duration) -> Arc<Cluster> {
+        Cluster::new(ClusterConfig {
+            redis_url: secrecy::SecretString::from("not a url"),
+            key_prefix: "t:".to_owned(),
+            max_replicas: std::num::NonZeroU32::new(3).expect("3"),
+            timeout: Duration::from_millis(100),
+            lease,
+        })
+    }
+
     /// Whether this replica is on its local fallbacks now (no leased slot is used then).
     pub fn is_degraded(&self) -> bool {
         self.outages.load(Ordering::Relaxed) & DEGRADED != 0
@@ -699,13 +712,7 @@ mod tests {
     /// failure is a new one; a resume is seen as one (not a moment of neither state).
     #[test]
     fn outages_are_counted_across_a_resume() {
-        let c = Cluster::new(ClusterConfig {
-            redis_url: secrecy::SecretString::from("not a url"),
-            key_prefix: "t:".to_owned(),
-            max_replicas: std::num::NonZeroU32::new(3).expect("3"),
-            timeout: Duration::from_millis(100),
-            lease: Duration::ZERO,
-        });
+        let c = Cluster::unreachable(Duration::ZERO);
         let window = Duration::from_secs(60);
         assert_eq!((c.is_degraded(), c.outage()), (false, 0));
         assert!(!c.recently_resumed(window));

@@ -332,7 +332,6 @@ impl QuotaManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::ClusterConfig;
     use crate::operations::OperationId;
     use crate::quota::tests::one_bucket;
     use crate::quota::{BucketKey, LimitKind, QuotaAlgorithm, RateLimitReport};
@@ -465,13 +464,7 @@ mod tests {
     /// own test across a resume).
     #[tokio::test]
     async fn an_outage_is_counted_once_when_it_begins() {
-        let cluster = Cluster::new(ClusterConfig {
-            redis_url: secrecy::SecretString::from("not a url"),
-            key_prefix: "t:".to_owned(),
-            max_replicas: std::num::NonZeroU32::new(3).expect("3"),
-            timeout: Duration::from_millis(100),
-            lease: Duration::ZERO,
-        });
+        let cluster = Cluster::unreachable(Duration::ZERO);
         assert!(!cluster.is_degraded());
         assert_eq!(cluster.outage(), 0);
         let limits = [("t:k".to_owned(), 10, Duration::from_secs(60))];
@@ -494,14 +487,7 @@ mod tests {
     #[tokio::test]
     async fn a_decision_redis_cannot_make_falls_back_blocked_for_a_span_and_a_lease() {
         let lease = Duration::from_millis(300);
-        let cluster = Cluster::new(ClusterConfig {
-            // No client can be made: every call fails at once.
-            redis_url: secrecy::SecretString::from("not a url"),
-            key_prefix: "t:".to_owned(),
-            max_replicas: std::num::NonZeroU32::new(3).expect("3"),
-            timeout: Duration::from_millis(100),
-            lease,
-        });
+        let cluster = Cluster::unreachable(lease);
         let cfg = QuotaConfig::uniform(
             QuotaAlgorithm::Exact,
             100,
