@@ -202,9 +202,9 @@ pub fn serve<S: Park>(
             let refuse = conflicting_framing.load(Ordering::Relaxed);
             let (request_open, response_open) = service_activity.start();
             let req = req.map(|body| ClientBody::new(body, Some(request_open)));
-            // The request path's future is boxed per request: hyper keeps a slot the size of
-            // the service's future for a connection's whole life, and the request path's own is
-            // about 7 KiB (scale bench); boxed, the slot holds a pointer.
+            // The request path's future (4.6 KB) is boxed per request: hyper keeps a slot the
+            // size of the service's future for as long as the connection is not parked; boxed,
+            // the slot holds a pointer. (Unboxed measured no gain: docs/performance.md.)
             async move {
                 let resp = Box::pin(gw.handle(req, peer, refuse, &upstream)).await;
                 Ok::<_, Infallible>(resp.map(|body| Tracked {
