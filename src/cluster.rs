@@ -729,4 +729,25 @@ mod tests {
         c.failed(&ClusterError::Timeout);
         assert_eq!((c.is_degraded(), c.outage()), (true, 2), "a second outage");
     }
+
+    /// A failing decision counts the outage once, with the degraded flag.
+    #[tokio::test]
+    async fn an_outage_is_counted_once_when_it_begins() {
+        let cluster = Cluster::unreachable(Duration::ZERO);
+        assert!(!cluster.is_degraded());
+        assert_eq!(cluster.outage(), 0);
+        let limits = [("t:k".to_owned(), 10, Duration::from_secs(60))];
+        for _ in 0..3 {
+            cluster
+                .exact(&limits, Duration::from_secs(60), "m", 1)
+                .await
+                .expect_err("no Redis");
+            assert!(cluster.is_degraded());
+            assert_eq!(
+                cluster.outage(),
+                1,
+                "one outage, however many calls fail in it"
+            );
+        }
+    }
 }

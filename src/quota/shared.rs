@@ -460,28 +460,6 @@ mod tests {
         admit(t1 + wait + Duration::from_millis(1), 2).expect("the second outage's share");
     }
 
-    /// A failing call counts the outage once, with the degraded flag (see also the cluster's
-    /// own test across a resume).
-    #[tokio::test]
-    async fn an_outage_is_counted_once_when_it_begins() {
-        let cluster = Cluster::unreachable(Duration::ZERO);
-        assert!(!cluster.is_degraded());
-        assert_eq!(cluster.outage(), 0);
-        let limits = [("t:k".to_owned(), 10, Duration::from_secs(60))];
-        for _ in 0..3 {
-            cluster
-                .exact(&limits, Duration::from_secs(60), "m", 1)
-                .await
-                .expect_err("no Redis");
-            assert!(cluster.is_degraded());
-            assert_eq!(
-                cluster.outage(),
-                1,
-                "one outage, however many calls fail in it"
-            );
-        }
-    }
-
     /// A replica whose Redis does not answer falls back with its exact share blocked for a
     /// span and its configured lease.
     #[tokio::test]
