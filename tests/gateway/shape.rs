@@ -1,6 +1,7 @@
 //! The codebase's shape, checked: every source file opens with a `//!` line saying what it owns,
-//! and no two `src/` modules import each other in a circle (read from the `crate::` paths of the
-//! code, comments and test modules left out).
+//! no two `src/` modules import each other in a circle (read from the `crate::` paths of the
+//! code, comments and test modules left out), and the fuzz workspace locks the versions
+//! meetgate ships.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -201,4 +202,44 @@ fn every_source_file_says_what_it_owns() {
         .map(|f| f.display().to_string())
         .collect();
     assert!(missing.is_empty(), "no `//!` opening line: {missing:?}");
+}
+
+/// (name, version) of every package a `Cargo.lock` holds.
+fn locked(path: &Path) -> BTreeSet<(String, String)> {
+    let text = std::fs::read_to_string(path).expect("read a Cargo.lock");
+    let mut out = BTreeSet::new();
+    for package in text.split("[[package]]").skip(1) {
+        let field = |key: &str| {
+            package
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        if let (Some(name), Some(version)) = (field("name = "), field("version = ")) {
+            out.insert((name, version));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_fuzz_targets_build_the_dependency_versions_meetgate_ships() {
+    // `fuzz/` is a workspace of its own with its own lock file: left alone, it resolves newer
+    // versions than `Cargo.lock` (it did: hyper, h2, redis and rustls), and the fuzzers would
+    // exercise parsers meetgate does not ship.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = locked(&root.join("Cargo.lock"));
+    let fuzzed = locked(&root.join("fuzz/Cargo.lock"));
+    let names: BTreeSet<&String> = shipped.iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"hyper".to_owned()), "Cargo.lock parsed");
+    let differing: Vec<&(String, String)> = fuzzed
+        .iter()
+        .filter(|(name, _)| names.contains(name))
+        .filter(|p| !shipped.contains(*p))
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "fuzz/Cargo.lock has versions Cargo.lock does not: {differing:?}; align them with \
+         `cd fuzz && cargo update -p NAME --precise VERSION`"
+    );
 }
