@@ -1,7 +1,7 @@
 //! Many replicas, one quota: three gateways sharing limits and tokens through a real Redis.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use meetgate::simulator::{SimConfig, SimHandle, SimLimit, SimLimits, WindowKind};
@@ -177,6 +177,107 @@ async fn redis_down_falls_back_to_a_share_and_resumes_when_it_returns() {
         0,
         "no fresh burst after Redis came back empty"
     );
+    assert!(sim.max_in_any_window("start_meeting", Duration::from_secs(2)) <= 20);
+}
+
+/// A second outage soon after the first: the replica that fell back the first time starts a
+/// new share, blocked for a window as every outage's is, rather than going on with the old one
+/// (which has not counted what the other replica admitted through Redis in between). Two
+/// replicas, so a share is half of each limit: A falls back and resumes while B never notices
+/// the outage; B then takes the window through Redis; Redis goes again and A floods at once.
+#[tokio::test]
+async fn a_second_outage_starts_a_new_blocked_share() {
+    let mut redis = RedisServer::start();
+    let sim = start_sim(SimConfig {
+        apps: vec![sim_app()],
+        limits: small_limits(),
+        ..SimConfig::default()
+    })
+    .await;
+    let prefix = format!("t{}:", rand::random::<u32>());
+    let mut pair = Vec::new();
+    for _ in 0..2 {
+        pair.push(Arc::new(
+            spawn_gateway(
+                &sim,
+                GatewayOptions {
+                    // No burst cap: B takes its slots at once, and A's old share would too.
+                    quota: QUOTA.replace("burst = 5\n", ""),
+                    extra: cluster_toml(&redis, &prefix)
+                        .replace("max_replicas = 3", "max_replicas = 2"),
+                    ..Default::default()
+                },
+            )
+            .await,
+        ));
+    }
+    let (a, b) = (pair[0].clone(), pair[1].clone());
+    for gw in &pair {
+        assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
+    }
+
+    // The first outage: only A calls, falls back, and admits on its share once it opens.
+    redis.kill();
+    assert_eq!(a.start_meeting().await.status, StatusCode::OK);
+    assert!(a.gateway.degraded().is_some());
+    assert!(
+        b.gateway.degraded().is_none(),
+        "B made no call in the outage"
+    );
+
+    // Redis returns. As after a partition rather than a restart, it has its data (redis-server
+    // here comes back empty: its marker is set by hand), and B's call opens the window's sets,
+    // so the window is not counted as spent and B can take all of it.
+    redis.restart();
+    let mut conn = redis_conn(&redis).await;
+    let () = redis::cmd("SET")
+        .arg(format!("{prefix}alive"))
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    assert_eq!(b.start_meeting().await.status, StatusCode::OK);
+    // A resumes on a call a second after its last failure, and calls only that often: the old
+    // share, which it books those calls in, keeps room it could hand out in a next outage.
+    let last_call = Arc::new(std::sync::Mutex::new(Instant::now()));
+    eventually(Duration::from_secs(20), "A resumed shared mode", || {
+        let (a, last_call) = (a.clone(), last_call.clone());
+        async move {
+            if last_call.lock().unwrap().elapsed() >= Duration::from_millis(1100) {
+                assert_eq!(a.start_meeting().await.status, StatusCode::OK);
+                *last_call.lock().unwrap() = Instant::now();
+            }
+            a.gateway.degraded().is_none()
+        }
+    })
+    .await;
+    let filled = flood_fleet(std::slice::from_ref(&b), 20).await;
+    assert!(filled.iter().all(|s| *s == StatusCode::OK), "{filled:?}");
+
+    // The second outage: A floods at once.
+    let failed = Instant::now();
+    redis.kill();
+    let statuses = flood_fleet(std::slice::from_ref(&a), 10).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert!(a.gateway.degraded().is_some());
+    // B made no call since: every request the upstream received after the failure is A's, and
+    // none came before a whole upstream window had passed.
+    let first = sim
+        .requests()
+        .iter()
+        .filter(|r| r.at > failed && r.path_and_query.ends_with("/conferences/start"))
+        .map(|r| r.at)
+        .min()
+        .expect("A's requests reached the upstream");
+    assert!(
+        first - failed >= Duration::from_secs(2),
+        "A's first admission in the second outage came {:?} after it began",
+        first - failed
+    );
+    assert_eq!(sim.rejected_429(), 0);
     assert!(sim.max_in_any_window("start_meeting", Duration::from_secs(2)) <= 20);
 }
 
