@@ -17,15 +17,33 @@ fn cluster_toml(redis: &RedisServer, prefix: &str) -> String {
 
 /// Three gateways on one Redis and one simulator.
 async fn fleet(sim: &SimHandle, redis: &RedisServer, quota: &str) -> Vec<Arc<TestGateway>> {
-    let prefix = format!("t{}:", rand::random::<u32>());
+    replicas(
+        sim,
+        redis,
+        quota,
+        3,
+        &format!("t{}:", rand::random::<u32>()),
+    )
+    .await
+}
+
+/// `n` gateways on one Redis (keys under `prefix`, `max_replicas = n`) and one simulator.
+async fn replicas(
+    sim: &SimHandle,
+    redis: &RedisServer,
+    quota: &str,
+    n: usize,
+    prefix: &str,
+) -> Vec<Arc<TestGateway>> {
     let mut out = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..n {
         out.push(Arc::new(
             spawn_gateway(
                 sim,
                 GatewayOptions {
                     quota: quota.to_owned(),
-                    extra: cluster_toml(redis, &prefix),
+                    extra: cluster_toml(redis, prefix)
+                        .replace("max_replicas = 3", &format!("max_replicas = {n}")),
                     ..Default::default()
                 },
             )
@@ -33,6 +51,16 @@ async fn fleet(sim: &SimHandle, redis: &RedisServer, quota: &str) -> Vec<Arc<Tes
         ));
     }
     out
+}
+
+/// The simulator with [`small_limits`].
+pub(crate) async fn limited_sim() -> SimHandle {
+    start_sim(SimConfig {
+        apps: vec![sim_app()],
+        limits: small_limits(),
+        ..SimConfig::default()
+    })
+    .await
 }
 
 /// The upstream limits of the shared-quota tests (also the network-fault tests').
@@ -77,12 +105,7 @@ async fn flood_fleet(fleet: &[Arc<TestGateway>], per_gateway: usize) -> Vec<Stat
 #[tokio::test]
 async fn three_gateways_share_one_quota_without_upstream_429() {
     let redis = RedisServer::start();
-    let sim = start_sim(SimConfig {
-        apps: vec![sim_app()],
-        limits: small_limits(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = limited_sim().await;
     let fleet = fleet(&sim, &redis, QUOTA).await;
     // 3 gateways x 20 = 3x the per-window limit.
     let statuses = flood_fleet(&fleet, 20).await;
@@ -128,12 +151,7 @@ async fn two_hundred_requests_across_three_gateways_at_token_expiry_sign_in_once
 #[tokio::test]
 async fn redis_down_falls_back_to_a_share_and_resumes_when_it_returns() {
     let mut redis = RedisServer::start();
-    let sim = start_sim(SimConfig {
-        apps: vec![sim_app()],
-        limits: small_limits(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = limited_sim().await;
     let fleet = fleet(&sim, &redis, QUOTA).await;
     let statuses = flood_fleet(&fleet, 6).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
@@ -188,29 +206,10 @@ async fn redis_down_falls_back_to_a_share_and_resumes_when_it_returns() {
 #[tokio::test]
 async fn a_second_outage_starts_a_new_blocked_share() {
     let mut redis = RedisServer::start();
-    let sim = start_sim(SimConfig {
-        apps: vec![sim_app()],
-        limits: small_limits(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = limited_sim().await;
     let prefix = format!("t{}:", rand::random::<u32>());
-    let mut pair = Vec::new();
-    for _ in 0..2 {
-        pair.push(Arc::new(
-            spawn_gateway(
-                &sim,
-                GatewayOptions {
-                    // No burst cap: B takes its slots at once, and A's old share would too.
-                    quota: QUOTA.replace("burst = 5\n", ""),
-                    extra: cluster_toml(&redis, &prefix)
-                        .replace("max_replicas = 3", "max_replicas = 2"),
-                    ..Default::default()
-                },
-            )
-            .await,
-        ));
-    }
+    // No burst cap: B takes its slots at once, and A's old share would too.
+    let pair = replicas(&sim, &redis, &QUOTA.replace("burst = 5\n", ""), 2, &prefix).await;
     let (a, b) = (pair[0].clone(), pair[1].clone());
     for gw in &pair {
         assert_eq!(gw.start_meeting().await.status, StatusCode::OK);
@@ -284,12 +283,7 @@ async fn a_second_outage_starts_a_new_blocked_share() {
 #[tokio::test]
 async fn three_gateways_share_one_quota_under_gcra_too() {
     let redis = RedisServer::start();
-    let sim = start_sim(SimConfig {
-        apps: vec![sim_app()],
-        limits: small_limits(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = limited_sim().await;
     let fleet = fleet(&sim, &redis, &format!("{QUOTA}algorithm = \"gcra\"\n")).await;
     let statuses = flood_fleet(&fleet, 20).await;
     assert!(

@@ -20,7 +20,7 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use meetgate::simulator::{self, SimConfig, SimHandle, SimLimits};
 
-use crate::cluster::small_limits;
+use crate::cluster::{limited_sim, small_limits};
 use crate::support::*;
 
 /// The relay's port inside the namespace (the namespace is ours alone).
@@ -537,12 +537,7 @@ async fn partitioned_redis_link_falls_back_without_a_burst_on_return() {
         ],
         "Ready to accept connections",
     );
-    let sim = start_sim(SimConfig {
-        apps: vec![sim_app()],
-        limits: small_limits(),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = limited_sim().await;
     let prefix = format!("nf{}:", rand::random::<u32>());
     let quota = "[quota]\nmax_wait = \"30s\"\nper_api_per_minute = 20\nper_api_window = \"2s\"\n\
         all_env_per_second = 50\nall_env_window = \"1s\"\nsafety_margin = \"100ms\"\n";
