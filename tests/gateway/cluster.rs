@@ -228,13 +228,7 @@ async fn a_second_outage_starts_a_new_blocked_share() {
     // here comes back empty: its marker is set by hand), and B's call opens the window's sets,
     // so the window is not counted as spent and B can take all of it.
     redis.restart();
-    let mut conn = redis_conn(&redis).await;
-    let () = redis::cmd("SET")
-        .arg(format!("{prefix}alive"))
-        .arg("1")
-        .query_async(&mut conn)
-        .await
-        .expect("SET");
+    mark_kept(&mut redis_conn(&redis).await, &prefix).await;
     assert_eq!(b.start_meeting().await.status, StatusCode::OK);
     // A resumes on a call a second after its last failure, and calls only that often: the old
     // share, which it books those calls in, keeps room it could hand out in a next outage.
@@ -317,14 +311,11 @@ async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
         .expect("redis")
 }
 
-/// Sets the marker of `cluster`'s keys: Redis has kept its data, so windows with nothing on
-/// record start empty rather than spent.
-async fn mark_kept(
-    conn: &mut redis::aio::MultiplexedConnection,
-    cluster: &meetgate::cluster::Cluster,
-) {
+/// Sets the marker of the keys under `prefix` (a `[cluster] key_prefix`): Redis has kept its
+/// data, so windows with nothing on record start empty rather than spent.
+async fn mark_kept(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
     let () = redis::cmd("SET")
-        .arg(cluster.key(&["alive"]))
+        .arg(format!("{prefix}alive"))
         .arg("1")
         .query_async(conn)
         .await
@@ -372,7 +363,11 @@ async fn the_shared_exact_script_never_exceeds_n_and_uses_all_of_it() {
             })
             .collect();
         if kept {
-            mark_kept(&mut redis_conn(&redis).await, &replicas[0]).await;
+            mark_kept(
+                &mut redis_conn(&redis).await,
+                &replicas[0].config().key_prefix,
+            )
+            .await;
         }
         let limits = |c: &Cluster| {
             vec![
@@ -506,7 +501,7 @@ async fn the_exact_script_leases_only_under_half_of_n_and_takes_slots_back() {
         }
     };
     let conn = redis_conn(&redis).await;
-    mark_kept(&mut conn.clone(), &cluster).await;
+    mark_kept(&mut conn.clone(), &cluster.config().key_prefix).await;
     let count = |mut conn: redis::aio::MultiplexedConnection| {
         let key = keys[0].clone();
         async move {

@@ -207,19 +207,15 @@ fn every_source_file_says_what_it_owns() {
 /// (name, version) of every package a `Cargo.lock` holds.
 fn locked(path: &Path) -> BTreeSet<(String, String)> {
     let text = std::fs::read_to_string(path).expect("read a Cargo.lock");
-    let mut out = BTreeSet::new();
-    for package in text.split("[[package]]").skip(1) {
-        let field = |key: &str| {
-            package
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(|v| v.trim_matches('"').to_owned())
-        };
-        if let (Some(name), Some(version)) = (field("name = "), field("version = ")) {
-            out.insert((name, version));
-        }
-    }
-    out
+    let lock: toml::Table = toml::from_str(&text).expect("a Cargo.lock is TOML");
+    let packages = lock["package"].as_array().expect("[[package]]");
+    packages
+        .iter()
+        .filter_map(|p| {
+            let field = |key: &str| p.get(key)?.as_str().map(str::to_owned);
+            Some((field("name")?, field("version")?))
+        })
+        .collect()
 }
 
 #[test]
